@@ -1,0 +1,88 @@
+"""Training and held-out rows as chat `messages`, from local JSON-lines files or the hub.
+
+Accepted rows: `{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}` with at
+least one assistant turn, or `{"instruction": str, "input": str (optional), "response"|"output": str}`.
+Bad rows raise `ConfigError` naming the file and line, before any model is loaded.
+"""
+import json
+import random
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qlora_exp.errors import ConfigError
+
+ROLES = ("system", "user", "assistant")
+ROW_FORMS = ('{"messages": [{"role": ..., "content": ...}, ...]} with an assistant turn, '
+             'or {"instruction": ..., "response": ...}')
+
+
+def to_messages(row: dict, where: str, system_prompt: str | None = None) -> list[dict]:
+    """One row -> a list of chat messages; `where` names the row in errors (file:line)."""
+    if not isinstance(row, dict):
+        raise ConfigError(where, row, ROW_FORMS)
+    if "messages" in row:
+        msgs = row["messages"]
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                           for m in msgs)
+                or not any(m["role"] == "assistant" for m in msgs)):
+            raise ConfigError(f"{where} messages", msgs, ROW_FORMS)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    else:
+        response = row.get("response", row.get("output"))
+        if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
+            raise ConfigError(where, {k: row[k] for k in list(row)[:3]}, ROW_FORMS)
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+def read_jsonl(path: str, key: str, system_prompt: str | None = None) -> list[list[dict]]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key} {path}:{i}", line.strip()[:60], f"one JSON object per line ({e.msg})")
+            rows.append(to_messages(row, f"{key} {path}:{i}", system_prompt))
+    if not rows:
+        raise ConfigError(key, path, "a JSON-lines file with at least one row")
+    return rows
+
+
+def load_conversations(data: DictConfig, seed: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, eval) lists of conversations; eval is held out from train when no eval file is given."""
+    if data.source == "hub":
+        from datasets import load_dataset
+
+        def split(name, cap):
+            ds = load_dataset(data.hub_name, split=name, revision=data.get("revision"))
+            if cap:
+                ds = ds.select(range(min(cap, len(ds))))
+            return [to_messages(r, f"data {data.hub_name}[{name}]", data.system_prompt) for r in ds]
+        return split(data.train_split, data.max_train_rows), split(data.eval_split, data.max_eval_rows)
+
+    train = read_jsonl(data.train_path, "data.train_path", data.system_prompt)
+    if data.eval_path:
+        evals = read_jsonl(data.eval_path, "data.eval_path", data.system_prompt)
+    else:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(train) * data.eval_fraction))
+        if n_eval >= len(train):
+            raise ConfigError("data.train_path", data.train_path,
+                              f"at least 2 rows to hold out eval_fraction={data.eval_fraction}")
+        held = set(order[:n_eval])
+        evals = [train[i] for i in sorted(held)]
+        train = [r for i, r in enumerate(train) if i not in held]
+    if data.max_train_rows:
+        train = train[: data.max_train_rows]
+    if data.max_eval_rows:
+        evals = evals[: data.max_eval_rows]
+    return train, evals

@@ -1,0 +1,131 @@
+"""Base models and tokenizers: from the hub, from a local path, or built here with random weights.
+
+A model with `random_init: true` is built from its `shape` with a fixed seed and saved (safetensors)
+under `paths.cache_dir`, with a byte-level BPE tokenizer trained on the shipped tiny_instruct rows,
+so every later trial loads it through the same `from_pretrained` + `BitsAndBytesConfig` path a hub
+model takes. Nothing here downloads unless `name_or_path` names a hub model.
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+# ChatML-style template; the {% generation %} markers let trl train on assistant tokens only.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def torch_dtype(name: str, cuda_bf16: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def build_tokenizer(path: Path, corpus_file: Path, vocab_size: int):
+    """Train a byte-level BPE on `corpus_file`'s text and save it with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        with open(corpus_file) as f:
+            for line in f:
+                yield " ".join(str(v) for v in _strings(json.loads(line)))
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = SPECIALS + ["<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                 unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(path)
+    return hf
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -> Path:
+    """Build (once) and return the folder of a random-weight model of `model_cfg.shape`."""
+    shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
+    key = json.dumps([model_cfg.architecture, shape, model_cfg.seed, corpus_file.name], sort_keys=True)
+    path = Path(cache_dir) / "models" / f"{model_cfg.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return path
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    log.info("building random-weight %s model (seed %d) in %s", model_cfg.name, model_cfg.seed, path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tok = build_tokenizer(tmp, corpus_file, min(shape["vocab_size"], 512))
+    config = AutoConfig.for_model(model_cfg.architecture, **shape, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(model_cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    tmp.rename(path) if not path.exists() else None  # another process may have won the race: keep theirs
+    return path
+
+
+def meta_model(model_cfg: DictConfig):
+    """The architecture on the meta device (no memory, no weights): for checking projection names."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_cfg.architecture, **OmegaConf.to_container(model_cfg.shape, resolve=True))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_tokenizer(source: str, model_cfg: DictConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_base_model(source: str, model_cfg: DictConfig, quantization_config, dtype, device_map):
+    """`from_pretrained` with safetensors only and no remote code unless the config asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  use_safetensors=True, dtype=dtype, quantization_config=quantization_config)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -1,0 +1,177 @@
+"""One QLoRA trial: a composed config in, a trained adapter and its metrics out.
+
+    result = run_trial(cfg)          # cfg: the composed Hydra config (conf/config.yaml)
+    result.objective                 # the value a sweeper minimizes (cfg.objective)
+
+Steps, top to bottom: check the config and read the data (no model yet), build or locate the base
+model, load it quantized through BitsAndBytesConfig, prepare it for k-bit training, attach LoRA,
+train with trl's SFTTrainer, evaluate, save the adapter (safetensors) and `metrics.json`.
+Raises `ConfigError` for bad input before any model is loaded; any other failure is recorded in
+`metrics.json` as status "failed" with its reason, then re-raised.
+"""
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
+from qlora_exp.data import load_conversations
+from qlora_exp.device import probe_device
+from qlora_exp.validate import check_config, optimizer_for_device, resolve_target_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    status: str                           # complete | pruned | failed
+    objective: float | None               # the value of cfg.objective
+    eval_loss: float | None = None        # final held-out loss (assistant tokens)
+    initial_eval_loss: float | None = None  # held-out loss before training
+    perplexity: float | None = None
+    train_tokens_per_s: float | None = None  # real (non-padding) tokens per second of training steps
+    train_tokens: int | None = None
+    peak_memory_gb: float | None = None
+    peak_memory_kind: str | None = None   # cuda_allocated | cpu_rss
+    trainable_params: int | None = None
+    total_params: int | None = None
+    wall_time_s: float | None = None
+    train_time_s: float | None = None
+    steps: int | None = None
+    optimizer: str | None = None          # the optimizer actually used (after any CPU fallback)
+    precision: str | None = None
+    device: str | None = None
+    eval_history: list = field(default_factory=list)   # [[step, eval_loss], ...]
+    error: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def run_trial(cfg: DictConfig) -> TrialResult:
+    start = time.time()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- checks and data: nothing heavy is loaded before these pass ---------------------------
+    device = probe_device()
+    check_config(cfg, device)
+    target_modules = resolve_target_modules(cfg)
+    optim, fallback_note = optimizer_for_device(cfg.optimizer.name, device)
+    if fallback_note:
+        warnings.warn(fallback_note, stacklevel=1)
+        log.warning(fallback_note)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    train_rows, eval_rows = load_conversations(cfg.data, cfg.trainer.seed)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
+             len(eval_rows), precision, device.name, optim)
+
+    result = TrialResult(status="failed", objective=None, optimizer=optim, precision=precision, device=device.name)
+    try:
+        _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result)
+    except BaseException as e:
+        result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        result.wall_time_s = round(time.time() - start, 2)
+        result.write(out / "metrics.json")
+    log.info("trial %s: eval_loss %.4f (from %.4f), %.0f tokens/s, peak %.2f GiB, %.1f s", result.status,
+             result.eval_loss, result.initial_eval_loss or float("nan"), result.train_tokens_per_s,
+             result.peak_memory_gb, result.wall_time_s)
+    return result
+
+
+def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result):
+    import torch
+    from datasets import Dataset
+    from hydra.utils import instantiate
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics, peak_memory_gb
+    from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, torch_dtype
+
+    set_seed(cfg.trainer.seed)
+    if device.cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    # ---- base model, quantized --------------------------------------------------------------
+    m = cfg.model
+    source = str(random_model_dir(m, cfg.paths.cache_dir, Path(cfg.paths.data_dir) / "tiny_instruct" / "train.jsonl")
+                 ) if m.random_init else m.name_or_path
+    tokenizer = load_tokenizer(source, m)
+    compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
+    quant = build_quantization_config(cfg.quantization, compute_dtype)
+    dtype = torch_dtype(m.dtype, device.bf16) if quant is None else compute_dtype
+    device_map = {"": torch.cuda.current_device()} if device.cuda else None
+    model = load_base_model(source, m, quant, dtype, device_map)
+    model.config.use_cache = False
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.trainer.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    # ---- LoRA -------------------------------------------------------------------------------
+    model = get_peft_model(model, build_lora_config(cfg.lora, target_modules))
+    result.trainable_params, result.total_params = (int(n) for n in model.get_nb_trainable_parameters())
+
+    # ---- train ------------------------------------------------------------------------------
+    metrics = TrialMetrics()
+    tb_dir = cfg.paths.get("tensorboard_dir") or str(out / "tensorboard")
+    tb = TensorBoardScalars(tb_dir, metrics)
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    args = build_sft_config(cfg, str(out / "checkpoints"), optim, precision, use_cpu=not device.cuda)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": r} for r in train_rows]),
+        eval_dataset=Dataset.from_list([{"messages": r} for r in eval_rows]),
+        processing_class=tokenizer,
+        callbacks=[metrics, tb, *extra],
+    )
+    try:
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
+        stop_reason = next((c.stop_reason for c in extra if getattr(c, "stop_reason", None)), None)
+        if stop_reason is None and (not metrics.eval_history or metrics.eval_history[-1][0] != trainer.state.global_step):
+            trainer.evaluate()
+    finally:
+        tb.close()
+
+    # ---- results ----------------------------------------------------------------------------
+    if cfg.trainer.save_adapter:
+        trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(out / "adapter")
+    state = trainer.state
+    result.status = stop_reason or "complete"
+    result.eval_history = [list(x) for x in metrics.eval_history]
+    result.initial_eval_loss = metrics.eval_history[0][1] if metrics.eval_history else None
+    result.eval_loss = metrics.eval_history[-1][1] if metrics.eval_history else None
+    result.perplexity = math.exp(min(result.eval_loss, 50)) if result.eval_loss is not None else None
+    result.train_tokens = int(state.num_input_tokens_seen)
+    result.train_tokens_per_s = round(metrics.tokens_per_s(state), 1)
+    result.train_time_s = round(metrics.train_time, 2)
+    result.steps = state.global_step
+    gb, kind = peak_memory_gb()
+    result.peak_memory_gb, result.peak_memory_kind = round(gb, 3), kind
+    result.objective = getattr(result, cfg.objective)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    """Resume from the newest Trainer checkpoint of this trial folder (after preemption)."""
+    if not folder.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(folder))
+    if last:
+        log.info("resuming from %s", last)
+    return last

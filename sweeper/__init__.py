@@ -1,0 +1,1 @@
+"""qlora_exp's Optuna sweeper for Hydra."""

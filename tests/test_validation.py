@@ -1,0 +1,105 @@
+"""Bad input is refused before any model loads: one line naming key, value and what is accepted."""
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_exp.data import load_conversations
+from qlora_exp.device import DeviceInfo
+from qlora_exp.errors import ConfigError
+from qlora_exp.validate import check_config, optimizer_for_device
+from tests.conftest import run_cli
+
+CPU = DeviceInfo(cuda=False, bf16=False, n_gpus=0, name="cpu")
+OLD_GPU = DeviceInfo(cuda=True, bf16=False, n_gpus=1, name="Tesla V100")
+
+
+@pytest.mark.parametrize("overrides,key,accepted", [
+    (["lora.r=0"], "lora.r", "integer >= 1"),
+    (["lora.r=-4"], "lora.r", "integer >= 1"),
+    (["lora.r=8.5"], "lora.r", "an integer"),
+    (["lora.alpha=0"], "lora.alpha", "> 0"),
+    (["lora.alpha=-16"], "lora.alpha", "> 0"),
+    (["optimizer.lr=0"], "optimizer.lr", "> 0"),
+    (["optimizer.lr=-1e-4"], "optimizer.lr", "> 0"),
+    (["lora.dropout=1.5"], "lora.dropout", "< 1"),
+    (["lora.bias=some"], "lora.bias", "none, all, lora_only"),
+    (["lora.target_modules=[q_proj,c_attn]"], "lora.target_modules", "q_proj, k_proj"),
+    (["lora.target_modules=everything"], "lora.target_modules", "all_linear, attention"),
+    (["quantization.method=nf3"], "quantization.method", "nf4, fp4, int8, none"),
+    (["optimizer.name=adamw_magic"], "optimizer.name", "paged_adamw_32bit"),
+    (["optimizer.scheduler=zigzag"], "optimizer.scheduler", "cosine"),
+    (["trainer.batch_size=0"], "trainer.batch_size", ">= 1"),
+    (["trainer.max_steps=0"], "trainer.max_steps", "-1"),
+    (["trainer.precision=bf16"], "trainer.precision", "no GPU with bf16"),
+    (["trainer.precision=fp16"], "trainer.precision", "needs a GPU"),
+    (["trainer.precision=fp8"], "trainer.precision", "auto, bf16, fp16, fp32"),
+    (["data.train_path=/nonexistent/train.jsonl"], "data.train_path", "existing JSON-lines file"),
+    (["objective=accuracy"], "objective", "eval_loss"),
+])
+def test_check_config_refuses(make_cfg, overrides, key, accepted):
+    with pytest.raises(ConfigError) as e:
+        check_config(make_cfg(*overrides), CPU)
+    msg = str(e.value)
+    assert e.value.key == key and "\n" not in msg and accepted in msg
+    assert msg.startswith(f"{key}=")
+
+
+def test_bf16_on_a_gpu_without_it(make_cfg):
+    with pytest.raises(ConfigError, match="this GPU has no bf16"):
+        check_config(make_cfg("trainer.precision=bf16"), OLD_GPU)
+
+
+def test_paged_optimizer_without_cuda_falls_back_with_a_warning():
+    assert optimizer_for_device("paged_adamw_32bit", CPU)[0] == "adamw_torch"
+    assert "needs CUDA" in optimizer_for_device("paged_adamw_8bit", CPU)[1]
+    assert optimizer_for_device("paged_adamw_32bit", OLD_GPU) == ("paged_adamw_32bit", None)
+
+
+def test_remote_code_is_off_unless_asked(make_cfg):
+    for model in ("tiny", "llama3_8b", "mistral_7b", "qwen2_5_7b"):
+        assert make_cfg(f"model={model}").model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("rows,where", [
+    ([{"instruction": "hi"}], "train.jsonl:1"),                                   # no response
+    ([{"prompt": "hi", "answer": "yo"}], "train.jsonl:1"),                       # unknown fields
+    ([{"instruction": "a", "response": "b"}, {"messages": [{"role": "user", "content": "x"}]}], "train.jsonl:2"),
+    ([{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}], "train.jsonl:1"),
+    ([], "data.train_path"),                                                      # empty file
+])
+def test_bad_data_rows(make_cfg, tmp_path, rows, where):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg("data=jsonl", f"data.train_path={path}")
+    with pytest.raises(ConfigError) as e:
+        load_conversations(cfg.data, seed=0)
+    assert where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_jsonl_both_row_forms_and_held_out_split(make_cfg, tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"instruction": f"q{i}", "input": "ctx", "output": f"a{i}"} for i in range(10)]
+    rows += [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}] * 10
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg("data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.2")
+    train, evals = load_conversations(cfg.data, seed=0)
+    assert (len(train), len(evals)) == (16, 4)
+    assert train[0][0] == {"role": "user", "content": "q0\n\nctx"} or any(r[0]["content"] == "u" for r in train)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=gpt5"], "model='gpt5' is not accepted: one of llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
+    (["-m", "quantization=nf4,nf2"], "quantization='nf2' is not accepted"),
+    (["lora.r=0"], "lora.r=0 is not accepted: an integer >= 1"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not accepted"),
+    (["data=jsonl", "data.train_path=/no/such.jsonl"], "data.train_path='/no/such.jsonl' is not accepted"),
+])
+def test_cli_refuses_in_one_line_before_any_model_loads(tmp_path, args, needle):
+    proc = run_cli(args, tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {lines[0][7:]}"] and needle in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "cache").exists()  # no model was built or loaded
+    assert not list(Path(tmp_path).rglob("metrics.json"))
