@@ -25,10 +25,25 @@ def tensorboard_run_dir(cfg: DictConfig) -> str:
 
     hc = HydraConfig.get()
     root = Path(cfg.paths.tensorboard_root)
-    if hc.mode == RunMode.MULTIRUN:
-        name = f"{hc.job.num:03d}" + (f"-{hc.job.override_dirname}" if hc.job.override_dirname else "")
-        return str(root / Path(hc.sweep.dir).name / name)
-    return str(root / "runs" / Path(hc.runtime.output_dir).name)
+    if hc.mode != RunMode.MULTIRUN:
+        return str(root / "runs" / Path(hc.runtime.output_dir).name)
+    name = cfg.get("run_name")
+    if not name:
+        swept = _swept_keys(sys.argv[1:])
+        values = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        name = "-".join([f"{hc.job.num:03d}", *values])
+    return str(root / Path(hc.sweep.dir).name / name.replace("/", "_"))
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """Keys the command line sweeps over (`key=a,b`, `key=range(...)`), e.g. {"lora.r"}."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    except Exception:
+        return set()
+    return {o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -6,7 +6,6 @@ Bad rows raise `ConfigError` naming the file and line, before any model is loade
 """
 import json
 import random
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -49,7 +48,7 @@ def read_jsonl(path: str, key: str, system_prompt: str | None = None) -> list[li
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{key} {path}:{i}", line.strip()[:60], f"one JSON object per line ({e.msg})")
+                raise ConfigError(f"{key} {path}:{i}", line.strip()[:60], f"one JSON object per line ({e.msg})") from None
             rows.append(to_messages(row, f"{key} {path}:{i}", system_prompt))
     if not rows:
         raise ConfigError(key, path, "a JSON-lines file with at least one row")

@@ -92,7 +92,7 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in zip(("train", "eval"), build(a.train, a.eval, a.seed)):
+    for name, rows in zip(("train", "eval"), build(a.train, a.eval, a.seed), strict=True):
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"wrote {len(rows)} rows to {out / name}.jsonl")

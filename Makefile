@@ -1,0 +1,43 @@
+# qlora_exp: make help lists the targets.
+PYTHON ?= python
+SEARCH ?= rank_alpha_lr
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sweep grid test test-fast lint tb report slurm-up slurm-down clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: ## Install qlora_exp and its pinned dependencies (CPU torch here; see README for GPU)
+	$(PYTHON) -m pip install torch==2.13.0 -e ".[dev]"
+
+train: ## One trial on the embedded default (ARGS="model=... lora.r=...")
+	$(PYTHON) -m qlora_exp $(ARGS)
+
+grid: ## A grid sweep over ranks: three trials
+	$(PYTHON) -m qlora_exp -m lora.r=8,16,64 $(ARGS)
+
+sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets)
+	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
+
+test: ## The whole test suite (the README's test command)
+	$(PYTHON) -m pytest -q
+
+test-fast: ## Tests without the slow end-to-end trials
+	$(PYTHON) -m pytest -q -m "not slow and not slurm"
+
+lint: ## ruff on the code
+	$(PYTHON) -m ruff check qlora_exp sweeper hydra_plugins tests scripts bench
+
+tb: ## TensorBoard on every run and sweep under outputs/
+	$(PYTHON) -m tensorboard.main --logdir outputs/tensorboard --bind_all=false --port 6006
+
+slurm-up: ## Start the local one-node SLURM used by the tests
+	bash scripts/slurm/up.sh
+
+slurm-down: ## Stop the local SLURM
+	bash scripts/slurm/down.sh
+
+clean: ## Remove outputs (runs, sweeps, studies, caches)
+	rm -rf outputs/* .pytest_cache

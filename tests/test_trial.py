@@ -1,0 +1,79 @@
+"""The real entry point on the embedded default: a QLoRA trial, a grid sweep, and a merge."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_trial_learns_and_writes_its_outputs(default_trial):
+    m = read_metrics(default_trial)
+    assert m["status"] == "complete" and m["steps"] == 150
+    assert m["eval_loss"] < m["initial_eval_loss"] - 1.0, m["eval_history"]   # it learned, visibly
+    assert m["objective"] == m["eval_loss"] and m["perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"])
+    assert m["train_tokens"] > 0 and m["train_tokens_per_s"] > 0 and m["peak_memory_gb"] > 0
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["optimizer"] == "adamw_torch"  # paged_adamw_32bit fell back: this machine has no CUDA
+    # the adapter, as safetensors, with LoRA weights on every projection of every layer
+    weights = load_file(default_trial / "adapter" / "adapter_model.safetensors")
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert sum(proj in k and "lora_A" in k for k in weights) == 4
+    # the composed config (Hydra's own snapshot and the resolved one) and TensorBoard events
+    assert (default_trial / ".hydra" / "config.yaml").is_file() and (default_trial / "config.yaml").is_file()
+    assert list((default_trial.parent.parent / "tensorboard" / "runs" / default_trial.name).glob("events.out.*"))
+
+
+def test_the_base_was_nf4_quantized(default_trial):
+    config = json.loads((default_trial / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    snapshot = (default_trial / "config.yaml").read_text()
+    assert "method: nf4" in snapshot and "double_quant: true" in snapshot
+
+
+def test_grid_sweep_runs_one_trial_per_rank(tmp_path, cache_dir):
+    proc = run_cli(["-m", "lora.r=8,16,64", "trainer.max_steps=30", "trainer.eval_every=15"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    trials = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [t.name for t in trials] == ["0", "1", "2"]
+    ranks = [json.loads((t / "adapter" / "adapter_config.json").read_text())["r"] for t in trials]
+    assert ranks == [8, 16, 64]
+    for t in trials:
+        m = read_metrics(t)
+        assert m["status"] == "complete" and m["steps"] == 30 and m["eval_loss"] < m["initial_eval_loss"]
+    tb_runs = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / sweeps[0].name).iterdir())
+    assert tb_runs == ["000-lora.r=8", "001-lora.r=16", "002-lora.r=64"]
+
+
+def test_merge_round_trip(default_trial, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_exp.merge import main as merge_main
+
+    out = tmp_path / "merged"
+    merge_main([str(default_trial), "--out", str(out), "--dtype", "float32"])
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    base_dir = json.loads((default_trial / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        with_adapter = PeftModel.from_pretrained(base, default_trial / "adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)
+    assert (merged - plain).abs().max() > 1e-2  # the adapter really changed the model
+
+
+def test_merge_refuses_a_folder_without_adapter(tmp_path):
+    from qlora_exp.merge import main as merge_main
+
+    with pytest.raises(SystemExit, match="has no adapter_config.json"):
+        merge_main([str(tmp_path)])
