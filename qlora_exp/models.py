@@ -88,10 +88,15 @@ def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -
     torch.manual_seed(model_cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
+    if device == "cuda":  # initialise 8B-scale weights on the GPU: minutes faster than on the CPU
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:  # not under `with torch.device("cpu")`: after it, CPU training in this process ran ~40x slower (torch 2.13)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(tmp, safe_serialization=True)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # give the build's bf16 weights back before the quantized load
     tmp.rename(path) if not path.exists() else None  # another process may have won the race: keep theirs
     return path
 

@@ -99,13 +99,13 @@ def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_
     from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, torch_dtype
 
     set_seed(cfg.trainer.seed)
-    if device.cuda:
-        torch.cuda.reset_peak_memory_stats()
 
     # ---- base model, quantized --------------------------------------------------------------
     m = cfg.model
     source = str(random_model_dir(m, cfg.paths.cache_dir, Path(cfg.paths.data_dir) / "tiny_instruct" / "train.jsonl")
                  ) if m.random_init else m.name_or_path
+    if device.cuda:  # after any random-weight build: peak memory is the trial's (load, train, eval), not the build's
+        torch.cuda.reset_peak_memory_stats()
     tokenizer = load_tokenizer(source, m)
     compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
     quant = build_quantization_config(cfg.quantization, compute_dtype)

@@ -1,0 +1,38 @@
+"""The Trainer callback a sweeper adds to each trial: report eval loss to its Optuna trial, stop when pruned.
+
+A trial process gets it through Hydra (`callbacks.optuna_pruning._target_`), so the training code
+never imports Optuna. After training, `stop_reason == "pruned"` tells the trial runner why it stopped.
+"""
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class OptunaPruningCallback(TrainerCallback):
+    def __init__(self, storage: str, study_name: str, trial_number: int, pruner: dict | None = None,
+                 metric: str = "eval_loss"):
+        import optuna
+
+        from sweeper.components import build_pruner, build_storage
+
+        self.study = optuna.load_study(study_name=study_name, storage=build_storage(storage),
+                                       pruner=build_pruner(pruner))
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+        self.metric = metric
+        self.stop_reason: str | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        if value is None:
+            return
+        self.trial.report(float(value), state.global_step)
+        if state.global_step > 0 and self.trial.should_prune():
+            log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, state.global_step, self.metric, value)
+            self.trial.set_user_attr("pruned_at_step", state.global_step)
+            self.stop_reason = "pruned"
+            control.should_training_stop = True
