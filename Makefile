@@ -4,7 +4,7 @@ SEARCH ?= rank_alpha_lr
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep grid test test-fast lint tb report slurm-up slurm-down clean
+.PHONY: help install train sweep grid test test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ lint: ## ruff on the code
 
 tb: ## TensorBoard on every run and sweep under outputs/
 	$(PYTHON) -m tensorboard.main --logdir outputs/tensorboard --bind_all=false --port 6006
+
+slurm-sweep: ## The sweep driver as a CPU-only SLURM job, trials as GPU jobs (SEARCH=..., ARGS="hydra.launcher.partition=gpu")
+	$(PYTHON) -m sweeper.detach -- -m search=$(SEARCH) hydra/launcher=slurm $(ARGS)
+
+sweep-status: ## Trials of a sweep with their SLURM states (SWEEP=outputs/multirun/<study>, default: newest)
+	$(PYTHON) -m sweeper.status $(SWEEP)
 
 slurm-up: ## Start the local one-node SLURM used by the tests
 	bash scripts/slurm/up.sh

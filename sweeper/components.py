@@ -1,6 +1,7 @@
 """Samplers, pruners and storages from small config dicts: `{name: tpe, seed: 0, ...kwargs}`."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,14 @@ def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objecti
 
 
 def build_pruner(spec: dict | None):
+    """`{name: hyperband}` works with the median defaults still in the block: settings that belong to
+    another known pruner are dropped; a setting no pruner knows is an error."""
     name, kwargs = _kwargs(spec, "pruner", PRUNERS)
+    own = set(inspect.signature(PRUNERS[name]).parameters)
+    known = {p for cls in PRUNERS.values() for p in inspect.signature(cls).parameters}
+    for key in list(kwargs):
+        if key not in own and key in known:
+            kwargs.pop(key)
     try:
         return PRUNERS[name](**kwargs)
     except (TypeError, ValueError) as e:

@@ -39,28 +39,42 @@ class TrialJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def make_executor(launcher: DictConfig | None, folder: Path):
-    """submitit executor from `hydra.launcher`: `cluster: slurm` -> SLURM, anything else -> local processes."""
-    import submitit
+SWEEPER_KEYS = ("_target_", "cluster", "submitit_folder", "trial_overrides", "study_storage")
+SLURM_ONLY = ("partition", "qos", "account", "constraint", "gres", "exclude", "array_parallelism", "signal_delay_s",
+              "max_num_timeout", "setup", "additional_parameters", "comment")
 
-    params = dict(launcher or {})
-    cluster = params.pop("cluster", "local")
-    params.pop("_target_", None)
-    params.pop("submitit_folder", None)
+
+def make_executor(launcher: DictConfig | None, folder: Path):
+    """A submitit executor from `hydra.launcher` (conf/hydra/launcher/): `cluster: slurm` -> SLURM jobs,
+    anything else (Hydra's own basic launcher included) -> local processes."""
+    import submitit
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(launcher, resolve=True) if launcher is not None else {}
+    cluster = params.get("cluster", "local")
+    folder = Path(params.get("submitit_folder") or folder)
+    params = {k: v for k, v in params.items() if k not in SWEEPER_KEYS and v not in (None, [], {})}
     if cluster == "slurm":
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-        setup = params.pop("setup", None)
-        extra = params.pop("additional_parameters", None) or {}
-        kw = {k: v for k, v in params.items() if v is not None and k not in ("gpus", "visible_gpus")}
-        slurm_kw = {f"slurm_{k}" if k in ("partition", "qos", "account", "constraint", "array_parallelism", "gres",
-                                          "exclude", "signal_delay_s", "max_num_timeout") else k: v
-                    for k, v in kw.items()}
-        if setup:
-            slurm_kw["slurm_setup"] = list(setup)
-        if extra:
-            slurm_kw["slurm_additional_parameters"] = dict(extra)
-        executor.update_parameters(**slurm_kw)
+        executor.update_parameters(**{f"slurm_{k}" if k in SLURM_ONLY else k: v for k, v in params.items()})
         return executor, "slurm"
     executor = submitit.LocalExecutor(folder=str(folder))
     executor.update_parameters(timeout_min=int(params.get("timeout_min", 24 * 60)))
     return executor, "local"
+
+
+def launch_batch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    """Hydra's Launcher.launch for the basic sweeper: submit the batch, wait for all of it."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log
+
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    executor, _ = make_executor(config.hydra.launcher, sweep_dir / ".submitit")
+    job = TrialJob(launcher.hydra_context, launcher.task_function, config)
+    extra = list(config.hydra.launcher.get("trial_overrides") or [])
+    jobs = [executor.submit(job, [*overrides, *extra], initial_job_idx + i, Singleton.get_state())
+            for i, overrides in enumerate(job_overrides)]
+    return [j.result() for j in jobs]

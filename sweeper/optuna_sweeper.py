@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class OptunaSweeperImpl:
         self.heartbeat_s, self.stale_after_s, self.prune_metric = heartbeat_s, stale_after_s, prune_metric
         self.callbacks_key, self.run_name_key, self.command, self.poll_s = callbacks_key, run_name_key, command, poll_s
         self.trace = SweepLog()
+        self.trial_overrides: list[str] = []
 
     # ---- Hydra's Sweeper interface -------------------------------------------------------------
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -89,6 +91,11 @@ class OptunaSweeperImpl:
         self.job = TrialJob(hydra_context, task_function, config)
 
     def sweep(self, arguments: list[str]) -> list:
+        launcher = self.config.hydra.get("launcher") or {}
+        user_storage = any(o.split("=", 1)[0] == "hydra.sweeper.storage" for o in self.config.hydra.overrides.hydra)
+        if launcher.get("study_storage") and not user_storage:
+            self.storage_url = launcher.get("study_storage")  # e.g. a journal file on the cluster's shared folder
+        self.trial_overrides = list(launcher.get("trial_overrides") or [])
         self._check_settings()
         distributions, fixed = self._search_space(arguments)
         study_name = self._study_name(arguments)
@@ -114,13 +121,19 @@ class OptunaSweeperImpl:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         ctx = dict(study=study, distributions=distributions, fixed=fixed, sweep_dir=sweep_dir, study_name=study_name,
                    target=target, pruning=not multi and not isinstance(pruner, optuna.pruners.NopPruner))
-        self._run(**ctx)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # scancel of the driver: cancel its trials
+        try:
+            self._run(**ctx)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return []
 
     # ---- the asynchronous loop -----------------------------------------------------------------
     def _run(self, study, distributions, fixed, sweep_dir, study_name, target, pruning):
         executor, kind = make_executor(self.config.hydra.get("launcher"), sweep_dir / ".submitit")
         gpus = self._local_gpus() if kind == "local" else []
+        if kind == "local":
+            _share_cpu_threads(self.n_jobs)
         running: dict[int, Running] = {}
         stop_reason, last_beat = None, 0.0
         try:
@@ -154,7 +167,7 @@ class OptunaSweeperImpl:
 
     def _launch(self, study, distributions, fixed, sweep_dir, study_name, pruning, executor, kind, gpus, slot):
         trial = study.ask(fixed_distributions=distributions)
-        overrides = [*fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()),
+        overrides = [*fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()), *self.trial_overrides,
                      f"hydra.sweep.dir={hydra_value(str(sweep_dir))}"]
         if self.run_name_key:
             swept = ",".join(f"{k}={_short(v)}" for k, v in trial.params.items())
@@ -167,6 +180,8 @@ class OptunaSweeperImpl:
                           f"{cb}.pruner={hydra_value(self.pruner_spec or {})}"]
         if kind == "local" and gpus:
             executor.update_parameters(visible_gpus=(gpus[slot % len(gpus)],), gpus_per_node=1)
+        if kind == "slurm":
+            executor.update_parameters(name=f"{study_name}-{trial.number}")
         job = executor.submit(self.job, overrides, trial.number, Singleton.get_state())
         folder = sweep_dir / str(trial.number)
         for key, value in (("job_id", str(job.job_id)), ("folder", str(folder)), ("slot", slot),
@@ -233,9 +248,14 @@ class OptunaSweeperImpl:
             self._retry(study, t)
 
     def _retry(self, study, t) -> None:
+        """Queue the same parameters once more (as Optuna's RetryFailedTrialCallback does, keeping the
+        sampler's own attributes such as GridSampler's grid_id)."""
         if t.user_attrs.get("retry_of") is not None:
             return  # retried once already
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        system_attrs = {k: v for k, v in t.system_attrs.items() if k != "heartbeat"}
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=t.params,
+                                                  distributions=t.distributions, user_attrs={"retry_of": t.number},
+                                                  system_attrs=system_attrs))
         log.info("trial %d will be retried once", t.number)
 
     @staticmethod
@@ -352,6 +372,20 @@ def _tell(study, trial, **kwargs) -> None:
     except RuntimeError as e:
         if "Study.stop" not in str(e):
             raise
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _share_cpu_threads(n_jobs: int) -> None:
+    """Local trial processes inherit this environment: split the cores between the slots, or OpenMP
+    threads of concurrent trials spin against each other (seen here: 10x slower trials on 2 cores)."""
+    import os
+
+    per_job = str(max(1, (os.cpu_count() or 1) // n_jobs))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, per_job)
 
 
 def _short(v: Any) -> str:

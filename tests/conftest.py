@@ -1,6 +1,7 @@
 """Shared fixtures: composed configs with every path inside a temp folder, and one real trial."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,25 @@ def make_cfg(tmp_path, cache_dir):
 def run_cli(args, cwd: Path, cache: Path | None = None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """The real entry point, as a user types it, in `cwd` (so outputs/ lands there)."""
     extra = [f"paths.cache_dir={cache}"] if cache else []
-    return subprocess.run([sys.executable, "-m", "qlora_exp", *args, *extra], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_exp", *args, *extra], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every trial process it started
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(args)}\n{err[-3000:]}") from None
+    finally:
+        _kill_group(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)  # trial processes a finished driver may have left behind
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")

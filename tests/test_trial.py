@@ -1,11 +1,11 @@
-"""The real entry point on the embedded default: a QLoRA trial, a grid sweep, and a merge."""
+"""The real entry point on the embedded default: a QLoRA trial and a merge of its adapter."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -32,22 +32,6 @@ def test_the_base_was_nf4_quantized(default_trial):
     assert config["r"] == 16 and config["lora_alpha"] == 32
     snapshot = (default_trial / "config.yaml").read_text()
     assert "method: nf4" in snapshot and "double_quant: true" in snapshot
-
-
-def test_grid_sweep_runs_one_trial_per_rank(tmp_path, cache_dir):
-    proc = run_cli(["-m", "lora.r=8,16,64", "trainer.max_steps=30", "trainer.eval_every=15"], tmp_path, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
-    assert len(sweeps) == 1
-    trials = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert [t.name for t in trials] == ["0", "1", "2"]
-    ranks = [json.loads((t / "adapter" / "adapter_config.json").read_text())["r"] for t in trials]
-    assert ranks == [8, 16, 64]
-    for t in trials:
-        m = read_metrics(t)
-        assert m["status"] == "complete" and m["steps"] == 30 and m["eval_loss"] < m["initial_eval_loss"]
-    tb_runs = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / sweeps[0].name).iterdir())
-    assert tb_runs == ["000-lora.r=8", "001-lora.r=16", "002-lora.r=64"]
 
 
 def test_merge_round_trip(default_trial, tmp_path):

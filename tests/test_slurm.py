@@ -1,0 +1,147 @@
+"""Trials on a real SLURM (scripts/slurm/up.sh: one node, two fake GPUs), through submitit."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import read_metrics, run_cli
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(not _slurm_up(), reason="no SLURM here: run scripts/slurm/up.sh (CI does)")]
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=1",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=15",
+         "hydra.launcher.signal_delay_s=30"]
+FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
+
+
+def journal_study(cwd: Path) -> optuna.Study:
+    from sweeper.components import build_storage
+
+    storage = build_storage(f"journal:///{cwd}/outputs/optuna-journal.log")
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def start_driver(args, cwd: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qlora_exp", *args, f"paths.cache_dir={cache}"], cwd=cwd,
+                            env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+        except (FileNotFoundError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
+    args = ["-m", "lora.r=4,8,16,32,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0", *SLURM, *FAST]
+    proc = run_cli(args, tmp_path, cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    study = journal_study(tmp_path)
+    by_rank = {t.params["lora.r"]: t for t in study.trials}
+    assert sorted(by_rank) == [0, 4, 8, 16, 32]
+    assert by_rank[0].state == TrialState.FAIL and "lora.r" in by_rank[0].user_attrs["fail_reason"]
+    seen = set()
+    for r in (4, 8, 16, 32):
+        t = by_rank[r]
+        assert t.state == TrialState.COMPLETE
+        m = read_metrics(Path(t.user_attrs["folder"]))
+        assert m["slurm_job_id"] == t.user_attrs["job_id"] and sacct_state(m["slurm_job_id"]) == "COMPLETED"
+        assert m["cuda_visible_devices"] in ("0", "1")  # one fake GPU each, given by SLURM
+        seen.add(m["cuda_visible_devices"])
+        assert m["eval_loss"] == pytest.approx(t.value)
+    assert seen == {"0", "1"}  # two trials at once on the node's two GPUs
+
+
+def test_cancelled_trial_job_is_fail_with_its_slurm_state(tmp_path, cache_dir):
+    driver = start_driver(["-m", "lora.r=8,16", "trainer.max_steps=2000", "trainer.eval_every=1000", *SLURM], tmp_path,
+                          cache_dir)
+    try:
+        job_id = wait_for(lambda: next(t.user_attrs["job_id"] for t in journal_study(tmp_path).trials
+                                       if t.state == TrialState.RUNNING), what="a running trial")
+        wait_for(lambda: sacct_state(job_id) == "RUNNING", what="the job to run")
+        subprocess.run(["scancel", job_id], check=True)
+        other = wait_for(lambda: next(t for t in journal_study(tmp_path).trials if t.user_attrs["job_id"] != job_id
+                                      and t.state == TrialState.RUNNING), what="the next trial")
+        subprocess.run(["scancel", other.user_attrs["job_id"]], check=True)
+        driver.wait(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    trials = journal_study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("CANCELLED" in t.user_attrs["fail_reason"] for t in trials), [t.user_attrs for t in trials]
+
+
+def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path, cache_dir):
+    import submitit
+
+    driver = start_driver(["-m", "lora.r=8,16", "hydra.sweeper.n_trials=1", "trainer.max_steps=120",
+                           "trainer.eval_every=10", *SLURM], tmp_path, cache_dir)
+    try:
+        trial = wait_for(lambda: next(t for t in journal_study(tmp_path).trials if t.state == TrialState.RUNNING),
+                         what="a running trial")
+        folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["job_id"]
+        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-30")), what="checkpoint-30")
+        submitit.SlurmJob(folder=tmp_path / "outputs" / "multirun" / folder.parent.name / ".submitit",
+                          job_id=job_id)._interrupt()  # submitit's preemption path: SIGUSR2, checkpoint, requeue
+        wait_for(lambda: sacct_state(job_id) in ("PENDING", "REQUEUED"), what="the requeue")
+        # a requeued job waits for its begin time (about 2 minutes): release it now
+        wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).returncode == 0
+                 and sacct_state(job_id) in ("RUNNING", "COMPLETED"), what="the restart")
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    (t,) = journal_study(tmp_path).trials  # still one trial in the study
+    assert t.state == TrialState.COMPLETE
+    m = read_metrics(folder)
+    assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= 30, m
+    assert m["steps"] == 120 and m["eval_loss"] == pytest.approx(t.value)
+    assert "resuming from" in (folder / "__main__.log").read_text()
+
+
+def test_detached_driver_runs_a_sweep_to_the_end_as_a_job(tmp_path, cache_dir):
+    args = ["--folder", str(tmp_path / "drivers"), "--", "-m", "lora.r=4,8", *SLURM, *FAST,
+            f"paths.cache_dir={cache_dir}"]
+    out = subprocess.run([sys.executable, "-m", "sweeper.detach", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[2].rstrip(":")
+    wait_for(lambda: sacct_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), timeout=400, what="the driver job")
+    assert sacct_state(job_id) == "COMPLETED", (tmp_path / "drivers" / f"{job_id}_0_log.err").read_text()[-3000:]
+    trials = journal_study(tmp_path).trials
+    assert sorted(t.params["lora.r"] for t in trials if t.state == TrialState.COMPLETE) == [4, 8]
+    status = subprocess.run([sys.executable, "-m", "sweeper.status", str(Path(trials[0].user_attrs["folder"]).parent)],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 2, status.stdout + status.stderr

@@ -1,0 +1,178 @@
+"""The Optuna sweeper end to end, through `python -m qlora_exp -m ...` on the embedded default."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from sweeper.optuna_sweeper import OptunaSweeperImpl, hydra_value
+from tests.conftest import read_metrics, run_cli
+
+FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
+
+
+def load_study(cwd: Path) -> optuna.Study:
+    storage = f"sqlite:///{cwd}/outputs/optuna.db"
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def sweep_dir(cwd: Path) -> Path:
+    (folder,) = (cwd / "outputs" / "multirun").iterdir()
+    return folder
+
+
+def test_hydra_value_quotes_for_the_override_grammar():
+    assert hydra_value("a'b,c=d") == "'a\\'b,c=d'" and hydra_value(1e-05) == "1e-05"
+    assert hydra_value({"name": "median", "n": 3}) == "{name:'median',n:3}" and hydra_value(None) == "null"
+
+
+def test_count_finished_skips_failures_that_were_retried():
+    study = optuna.create_study()
+    d = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    failed = study.ask(d)
+    study.tell(failed, state=TrialState.FAIL)
+    retry = study.ask(d)
+    retry.set_user_attr("retry_of", failed.number)
+    study.tell(retry, 0.5)
+    study.tell(study.ask(d), state=TrialState.PRUNED)
+    assert OptunaSweeperImpl._count_finished(study) == 2
+
+
+@pytest.mark.slow
+def test_grid_of_three_ranks_is_exactly_three_trials(tmp_path, cache_dir):
+    proc = run_cli(["-m", "lora.r=8,16,64", *FAST], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load_study(tmp_path)
+    assert sorted(t.params["lora.r"] for t in study.trials) == [8, 16, 64]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    folder = sweep_dir(tmp_path)
+    for t in study.trials:
+        m = read_metrics(folder / str(t.number))
+        assert m["status"] == "complete" and m["eval_loss"] == pytest.approx(t.value)
+        assert OmegaConf.load(folder / str(t.number) / "config.yaml").lora.r == t.params["lora.r"]
+    tb = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / folder.name).iterdir())
+    assert tb == sorted(f"{t.number:03d}-lora.r={t.params['lora.r']}" for t in study.trials)
+    results = OmegaConf.load(folder / "optimization_results.yaml")
+    assert results.best.value == min(t.value for t in study.trials) and results.trials.complete == 3
+    assert "lora.r=" in results.best.command and "trainer.max_steps=20" in results.best.command
+    # the same command again: the study is resumed and nothing runs twice
+    again = run_cli(["-m", "lora.r=8,16,64", *FAST], tmp_path, cache_dir)
+    assert again.returncode == 0 and "resumed study" in again.stdout + again.stderr
+    assert len(load_study(tmp_path).trials) == 3
+
+
+@pytest.mark.slow
+def test_tpe_with_pruning_on_two_slots(tmp_path, cache_dir):
+    args = ["-m", "search=rank_alpha_lr", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=10",
+            "trainer.max_steps=60", "trainer.eval_every=10", "trainer.save_adapter=false"]
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load_study(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(states) == 8 and TrialState.FAIL not in states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.number, t.params, t.intermediate_values) for t in study.trials]
+    folder = sweep_dir(tmp_path)
+    for t in pruned:  # stopped early, folder and TensorBoard run kept, the step it reached stored
+        assert t.user_attrs["pruned_at_step"] < 60 and max(t.intermediate_values) == t.user_attrs["pruned_at_step"]
+        assert read_metrics(folder / str(t.number))["status"] == "pruned"
+    # the default config under the same trainer settings: the search found better
+    default = run_cli(["trainer.max_steps=60", "trainer.eval_every=10", "trainer.save_adapter=false"], tmp_path, cache_dir)
+    assert default.returncode == 0, default.stderr[-2000:]
+    default_loss = read_metrics(next((tmp_path / "outputs" / "runs").iterdir()))["eval_loss"]
+    assert study.best_value < default_loss
+    # two slots: from the first start until the last start, a slot is never left idle
+    complete = sorted(study.trials, key=lambda t: t.datetime_start)
+    ends = sorted(t.datetime_complete.timestamp() for t in complete)
+    for t in complete[2:]:
+        start = t.datetime_start.timestamp()
+        assert min(abs(start - e) for e in ends) < 3.0, "a slot waited after a trial ended"
+    for t in complete[2:]:  # never more than two at once, and two whenever one starts
+        at = t.datetime_start.timestamp() + 0.01
+        assert sum(u.datetime_start.timestamp() <= at < u.datetime_complete.timestamp() for u in complete) == 2
+
+
+@pytest.mark.slow
+def test_failing_trial_is_fail_and_the_sweep_completes(tmp_path, cache_dir):
+    proc = run_cli(["-m", "lora.r=8,0", "hydra.sweeper.max_failure_rate=1.0", *FAST], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_rank = {t.params["lora.r"]: t for t in load_study(tmp_path).trials}
+    assert by_rank[8].state == TrialState.COMPLETE and by_rank[0].state == TrialState.FAIL
+    assert "lora.r" in by_rank[0].user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+def test_max_failure_rate_stops_a_failing_sweep(tmp_path, cache_dir):
+    proc = run_cli(["-m", "lora.r=0,-1,-2,-3", "hydra.sweeper.max_failure_rate=0.5", *FAST], tmp_path, cache_dir)
+    assert proc.returncode != 0 and "max_failure_rate=0.5" in proc.stderr
+    assert len(load_study(tmp_path).trials) < 4
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cache_dir):
+    args = ["-m", "lora.r=4,8,16", "hydra.sweeper.stale_after_s=3", "trainer.max_steps=40", "trainer.eval_every=20",
+            "trainer.save_adapter=false", f"paths.cache_dir={cache_dir}"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "qlora_exp", *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for one finished trial and a second one running
+        db = tmp_path / "outputs" / "optuna.db"
+        if db.exists():
+            try:
+                states = [t.state for t in load_study(tmp_path).trials]
+            except (ValueError, KeyError):
+                states = []
+            if states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states:
+                break
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its trial processes, mid-sweep
+    driver.wait()
+    before = {t.number: t for t in load_study(tmp_path).trials}
+    finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
+    metrics_mtime = {n: (sweep_dir(tmp_path) / str(n) / "metrics.json").stat().st_mtime for n in finished}
+    time.sleep(3)
+    proc = run_cli(args[:-1], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = load_study(tmp_path).trials
+    orphans = [t for t in after if t.state == TrialState.FAIL]
+    assert orphans and all("no heartbeat" in t.user_attrs["fail_reason"] for t in orphans)
+    retried = [t for t in after if t.user_attrs.get("retry_of") is not None]
+    assert {t.user_attrs["retry_of"] for t in retried} == {t.number for t in orphans}
+    assert all(t.state == TrialState.COMPLETE for t in retried)
+    assert sorted(t.params["lora.r"] for t in after if t.state == TrialState.COMPLETE) == [4, 8, 16]
+    for n in finished:  # finished trials were not run again
+        assert (sweep_dir(tmp_path) / str(n) / "metrics.json").stat().st_mtime == metrics_mtime[n]
+
+
+@pytest.mark.slow
+def test_multi_objective_reports_a_pareto_front(tmp_path, cache_dir):
+    args = ["-m", "lora.r=8,64", "hydra.sweeper.objectives=[eval_loss,trainable_params]",
+            "hydra.sweeper.direction=[minimize,minimize]", *FAST]
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load_study(tmp_path)
+    assert len(study.directions) == 2 and all(len(t.values) == 2 for t in study.trials)
+    front = OmegaConf.load(sweep_dir(tmp_path) / "optimization_results.yaml").pareto_front
+    assert {p.number for p in front} == {t.number for t in study.best_trials}
+    for p in front:
+        assert json.loads((Path(p.folder) / "metrics.json").read_text())["trainable_params"] == p["values"][1]
+
+
+def test_bad_sweeper_settings_are_one_line_errors(tmp_path):
+    for args, needle in [(["hydra.sweeper.sampler.name=annealing"], "hydra.sweeper.sampler.name='annealing'"),
+                         (["hydra.sweeper.study_name=../escape"], "hydra.sweeper.study_name='../escape'"),
+                         (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0")]:
+        proc = run_cli(["-m", "lora.r=8,16", *args], tmp_path)
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "outputs" / "optuna.db").exists() or not optuna.get_all_study_names(
+            f"sqlite:///{tmp_path}/outputs/optuna.db")
