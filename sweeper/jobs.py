@@ -41,7 +41,7 @@ class TrialJob:
 
 SWEEPER_KEYS = ("_target_", "cluster", "submitit_folder", "trial_overrides", "study_storage")
 SLURM_ONLY = ("partition", "qos", "account", "constraint", "gres", "exclude", "array_parallelism", "signal_delay_s",
-              "max_num_timeout", "setup", "additional_parameters", "comment")
+              "setup", "additional_parameters", "comment")
 
 
 def make_executor(launcher: DictConfig | None, folder: Path):
@@ -55,7 +55,8 @@ def make_executor(launcher: DictConfig | None, folder: Path):
     folder = Path(params.get("submitit_folder") or folder)
     params = {k: v for k, v in params.items() if k not in SWEEPER_KEYS and v not in (None, [], {})}
     if cluster == "slurm":
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
+                                         slurm_max_num_timeout=int(params.pop("max_num_timeout", 3)))
         executor.update_parameters(**{f"slurm_{k}" if k in SLURM_ONLY else k: v for k, v in params.items()})
         return executor, "slurm"
     executor = submitit.LocalExecutor(folder=str(folder))
