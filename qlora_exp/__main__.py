@@ -68,11 +68,18 @@ def check_group_choices(argv: list[str]) -> None:
     """Refuse `group=option` overrides naming an option conf/ does not have, in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except Exception:
-        return  # Hydra reports grammar errors itself
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+        try:
+            overrides += parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            key, value = arg.split("=", 1)
+            lines = [x.strip() for x in str(e).splitlines()[1:] if x.strip() and not x.strip().startswith("See ")]
+            reason = lines[0] if lines else "not parseable"
+            raise ConfigError(key, value, f"Hydra's override grammar ({reason})") from None
     for o in overrides:
         key = o.get_key_element().lstrip("~+")
         group = CONF_DIR / key

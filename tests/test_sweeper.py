@@ -171,8 +171,11 @@ def test_multi_objective_reports_a_pareto_front(tmp_path, cache_dir):
 def test_bad_sweeper_settings_are_one_line_errors(tmp_path):
     for args, needle in [(["hydra.sweeper.sampler.name=annealing"], "hydra.sweeper.sampler.name='annealing'"),
                          (["hydra.sweeper.study_name=../escape"], "hydra.sweeper.study_name='../escape'"),
-                         (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0")]:
+                         (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0"),
+                         (["optimizer.lr=interval(5,1)"], "key 'optimizer.lr': interval(5,1) has low > high"),
+                         (["lora.r=choice()"], "lora.r='choice()' is not accepted: Hydra's override grammar")]:
         proc = run_cli(["-m", "lora.r=8,16", *args], tmp_path)
-        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[")]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
         assert not (tmp_path / "outputs" / "optuna.db").exists() or not optuna.get_all_study_names(
             f"sqlite:///{tmp_path}/outputs/optuna.db")

@@ -15,4 +15,16 @@ class QLoRAOptunaSweeper(Sweeper):
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        return self.sweeper.sweep(arguments)
+        import os
+        import sys
+
+        from sweeper.components import SweeperConfigError
+        from sweeper.search_space import SearchSpaceError
+
+        try:
+            return self.sweeper.sweep(arguments)
+        except (SweeperConfigError, SearchSpaceError) as e:  # bad settings: one line, exit 2, nothing stored
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
