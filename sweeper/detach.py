@@ -29,8 +29,9 @@ def main(argv=None) -> None:
     executor = submitit.AutoExecutor(folder=a.folder, cluster="slurm")
     executor.update_parameters(name="qlora-sweep-driver", timeout_min=a.timeout_min, cpus_per_task=1,
                                mem_gb=a.mem_gb, **({"slurm_partition": a.partition} if a.partition else {}))
-    command = submitit.helpers.CommandFunction([sys.executable, "-m", a.module, *args], cwd=os.getcwd(),
-                                               env=dict(os.environ))
+    # no env= here: it would pickle the whole environment (tokens included) into the submission file;
+    # sbatch hands the job this shell's environment anyway
+    command = submitit.helpers.CommandFunction([sys.executable, "-m", a.module, *args], cwd=os.getcwd())
     job = executor.submit(command)
     print(f"driver job {job.job_id}: {a.module} {' '.join(args)}\n  log: {Path(a.folder).resolve()}/{job.job_id}_0_log.out")
 
