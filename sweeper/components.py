@@ -30,7 +30,8 @@ class SweeperConfigError(ValueError):
     """A sweeper setting that cannot work; one line naming the key, the value and what is accepted."""
 
     def __init__(self, key: str, value: Any, accepted: str):
-        super().__init__(f"hydra.sweeper.{key}={value!r} is not accepted: {accepted}")
+        key = key if key.startswith("hydra.") else f"hydra.sweeper.{key}"
+        super().__init__(f"{key}={value!r} is not accepted: {accepted}")
 
 
 def _kwargs(spec: dict | None, key: str, table: dict) -> tuple[str, dict]:
@@ -51,10 +52,9 @@ def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objecti
             raise SweeperConfigError("sampler.name", "grid", "tpe, random, ... : a grid needs every parameter "
                                      "discrete (choice, range, int interval, comma list)")
         kwargs = {k: v for k, v in kwargs.items() if k == "seed"}
-        return name, SAMPLERS[name](grid, **kwargs)
     try:
-        return name, SAMPLERS[name](**kwargs)
-    except TypeError as e:
+        return name, SAMPLERS[name](grid, **kwargs) if name == "grid" else SAMPLERS[name](**kwargs)
+    except (TypeError, ValueError) as e:
         raise SweeperConfigError("sampler", spec, f"arguments of optuna.samplers.{SAMPLERS[name].__name__} ({e})") from None
 
 
@@ -81,10 +81,85 @@ def build_storage(url: str):
     if url.startswith("journal://"):
         path = Path(url[len("journal://"):])
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_journal(path, url)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return _rdb_with_retry(lambda: RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}))
     if "://" not in url:
         raise SweeperConfigError("storage", url, "sqlite:///path.db, journal:///path.log or a database URL")
-    return RDBStorage(url)
+    return _rdb_with_retry(lambda: RDBStorage(url))
+
+
+def _rdb_with_retry(make, attempts: int = 5):
+    """Drivers started together on a new database race to create its tables ("table ... already
+    exists"); the loser retries once the winner is done."""
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for i in range(attempts):
+        try:
+            return make()
+        except (OperationalError, IntegrityError) as e:
+            if i == attempts - 1 or not any(m in str(e) for m in ("already exists", "UNIQUE constraint", "locked")):
+                raise
+            time.sleep(0.5 * (i + 1))
+
+
+def check_journal(path: Path, url: str) -> None:
+    """Refuse a journal with a line that is not a whole record (a torn write, garbage): Optuna skips a bad
+    last line when reading, but the next record appended after it makes every reader fail, the whole study
+    with them. Read under the journal's own lock, so a record being appended is never half-seen."""
+    import json
+
+    from optuna.storages.journal import JournalFileOpenLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileOpenLock(str(path))
+    lock.acquire()
+    try:
+        with open(path, "rb") as f:
+            offset, bad = 0, None
+            for number, line in enumerate(f, 1):
+                if bad is None:
+                    try:
+                        if not line.endswith(b"\n"):
+                            raise ValueError("no end of line: a torn write")
+                        if not isinstance(json.loads(line.decode("utf-8")), dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as e:  # JSON and UTF-8 errors too
+                        bad = (number, offset, " ".join(str(e).split())[:80], 0)
+                        continue
+                    offset += len(line)
+                else:
+                    bad = (*bad[:3], bad[3] + 1)
+    finally:
+        lock.release()
+    if bad is not None:
+        number, offset, why, after = bad
+        raise SweeperConfigError("storage", url, f"an Optuna journal whose every line is a whole record: line {number} "
+                                 f"(byte {offset}) is not ({why}); the {number - 1} records before it are intact"
+                                 f"{f' ({after} more lines follow it)' if after else ''}: keep them with "
+                                 f"`truncate -s {offset} {path}` (or move the file aside)")
+
+
+def storage_error(url: str, e: BaseException) -> SweeperConfigError:
+    """What went wrong opening a storage, as one line: the URL (password hidden) and the driver's reason."""
+    reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+    return SweeperConfigError("storage", _hide_password(url),
+                              f"a storage this process can open and write ({type(e).__name__}: {reason})")
+
+
+def _hide_password(url: str) -> str:
+    if "@" not in url or url.startswith(("sqlite:", "journal:")):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        import re
+
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -24,9 +24,10 @@ from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from sweeper.components import SweeperConfigError, build_pruner, build_sampler, build_storage
+from sweeper.components import SweeperConfigError, build_pruner, build_sampler, build_storage, storage_error
 from sweeper.jobs import TrialJob, make_executor
 from sweeper.search_space import grid_values, is_grid, parse_search_space
+from sweeper.tensorboard import write_study_run
 
 log = logging.getLogger("qlora_exp.sweeper")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]{0,127}")
@@ -78,8 +79,9 @@ class OptunaSweeperImpl:
         directions = to_py(direction)
         self.directions = list(directions) if isinstance(directions, list) else [directions] * max(1, len(self.objectives))
         self.metrics_file, self.study_name, self.storage_url = metrics_file, study_name, storage
-        self.study_dir, self.n_trials, self.n_jobs = study_dir, n_trials, int(n_jobs)
-        self.max_failure_rate, self.params, self.gpus = float(max_failure_rate), to_py(params), to_py(gpus)
+        self.study_dir, self.n_trials, self.n_jobs = study_dir, n_trials, _setting("n_jobs", n_jobs, int, "an integer >= 1")
+        self.max_failure_rate = _setting("max_failure_rate", max_failure_rate, float, "a number from 0 to 1")
+        self.params, self.gpus = to_py(params), to_py(gpus)
         self.heartbeat_s, self.stale_after_s, self.prune_metric = heartbeat_s, stale_after_s, prune_metric
         self.callbacks_key, self.run_name_key, self.command, self.poll_s = callbacks_key, run_name_key, command, poll_s
         self.trace = SweepLog()
@@ -105,10 +107,15 @@ class OptunaSweeperImpl:
         multi = len(self.directions) > 1
         sampler_name, sampler = build_sampler(self.sampler_spec, grid, multi)
         pruner = build_pruner(self.pruner_spec) if not multi else optuna.pruners.NopPruner()
-        storage = build_storage(self.storage_url)
-        existed = study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=self.directions, load_if_exists=True)
+        try:  # a storage that cannot be opened or written: one line, and nothing in it is touched
+            storage = build_storage(self.storage_url)
+            existed = study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+            study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                        directions=self.directions, load_if_exists=True)
+        except SweeperConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001  (sqlalchemy, journal and OS errors alike)
+            raise storage_error(self.storage_url, e) from e
         if existed and [d.name.lower() for d in study.directions] != [d.lower() for d in self.directions]:
             raise SweeperConfigError("direction", self.directions, f"the study's own directions "
                                      f"{[d.name.lower() for d in study.directions]} (or a new study_name)")
@@ -139,7 +146,9 @@ class OptunaSweeperImpl:
         try:
             while True:
                 free = [s for s in range(self.n_jobs) if s not in {r.slot for r in running.values()}]
-                while free and stop_reason is None and self._count_finished(study) + len(running) < target:
+                # other drivers may share the study: count every RUNNING trial, not only ours
+                while free and stop_reason is None and self._count_finished(study) + len(
+                        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < target:
                     r = self._launch(study, distributions, fixed, sweep_dir, study_name, pruning, executor, kind,
                                      gpus, free.pop(0))
                     running[r.trial.number] = r
@@ -296,6 +305,7 @@ class OptunaSweeperImpl:
         tmp = sweep_dir / ".optimization_results.yaml.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(results))))
         tmp.replace(sweep_dir / "optimization_results.yaml")
+        write_study_run(study, self.config, sweep_dir, self.objectives)  # TensorBoard: <root>/<sweep>/study
         log.info("[%s] %d/%d finished: %d complete, %d pruned, %d failed, %d running; best %s", study_name,
                  self._count_finished(study), target, count["complete"], count["pruned"], count["fail"],
                  len(running), best_line)
@@ -315,6 +325,10 @@ class OptunaSweeperImpl:
             raise SweeperConfigError("direction", self.directions, f"one direction per objective {self.objectives}")
         if not self.storage_url:
             raise SweeperConfigError("storage", self.storage_url, "sqlite:///path.db, journal:///path.log or a database URL")
+        for key in ("heartbeat_s", "stale_after_s", "poll_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SweeperConfigError(key, value, "a number of seconds > 0")
 
     def _search_space(self, arguments: list[str]):
         parser = OverridesParser.create()
@@ -343,7 +357,11 @@ class OptunaSweeperImpl:
     def _sweep_dir(self, study_name: str) -> Path:
         user_set = any(o.split("=", 1)[0] == "hydra.sweep.dir" for o in self.config.hydra.overrides.hydra)
         folder = Path(self.config.hydra.sweep.dir) if user_set else Path(self.study_dir) / study_name
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SweeperConfigError("hydra.sweep.dir" if user_set else "study_dir", str(folder),
+                                     f"a folder this process can write ({e.strerror or e})") from None
         with open_dict(self.config):
             self.config.hydra.sweep.dir = str(folder)
         return folder
@@ -386,6 +404,13 @@ def _share_cpu_threads(n_jobs: int) -> None:
     per_job = str(max(1, (os.cpu_count() or 1) // n_jobs))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, per_job)
+
+
+def _setting(key: str, value: Any, kind: type, accepted: str) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SweeperConfigError(key, value, accepted) from None
 
 
 def _short(v: Any) -> str:
