@@ -11,7 +11,6 @@ import pytest
 from optuna.trial import TrialState
 
 from sweeper.components import build_storage
-from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "tests" / "toy_app" / "app.py"
