@@ -30,8 +30,11 @@ test-fast: ## Tests without the slow end-to-end trials
 lint: ## ruff on the code
 	$(PYTHON) -m ruff check qlora_exp sweeper hydra_plugins tests scripts bench
 
-tb: ## TensorBoard on every run and sweep under outputs/
-	$(PYTHON) -m tensorboard.main --logdir outputs/tensorboard --bind_all=false --port 6006
+tb: ## TensorBoard on every run and sweep under outputs/tensorboard, this machine only (TB_PORT=6006)
+	$(PYTHON) -m tensorboard.main --logdir outputs/tensorboard --host 127.0.0.1 --port $(or $(TB_PORT),6006)
+
+report: ## A sweep's report.md, plots and trial table (SWEEP=outputs/multirun/<study>, default: newest)
+	$(PYTHON) -m qlora_exp.report $(SWEEP)
 
 slurm-sweep: ## The sweep driver as a CPU-only SLURM job, trials as GPU jobs (SEARCH=..., ARGS="hydra.launcher.partition=gpu")
 	$(PYTHON) -m sweeper.detach -- -m search=$(SEARCH) hydra/launcher=slurm $(ARGS)

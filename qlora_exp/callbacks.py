@@ -1,9 +1,51 @@
-"""Trainer callbacks of a trial: throughput and memory accounting, and TensorBoard scalars."""
+"""Trainer callbacks of a trial (throughput and memory accounting, TensorBoard scalars) and the trial's
+TensorBoard run, which ends with an hparams row TensorBoard's HPARAMS view can compare.
+
+One trial, one run folder (`cfg.paths.tensorboard_dir`, named by `__main__`: `<study>/<NNN-swept values>`):
+
+    train/loss, train/learning_rate, train/grad_norm, ...   every training log (trainer.log_every steps)
+    eval/loss, ...                                           every evaluation (trainer.eval_every steps)
+    perf/tokens_per_s, perf/peak_memory_gb                   with every training log
+    hparams/<metric>                                         once, when the trial ends (complete, pruned or failed)
+    the hparams plugin's experiment, session start and session end summaries, in the same folder
+
+The hparams row holds `state` (complete | pruned | failed: metrics.json's status), the swept keys (read
+from the run name, `NNN-key=value,...`), `run_name` and the config keys of `HPARAM_KEYS`: the same keys in
+every trial, so the trials of every study land in one HPARAMS table. The swept keys come first and are
+marked as differing, so TensorBoard shows them by default. Its metrics are the `HPARAM_METRICS` fields of
+metrics.json, written only when known (a failed trial has no eval loss). The row is written when the trial
+ends, so a running trial is not in the table yet; a trial refused by the config checks has no run at all.
+"""
+import logging
 import math
 import resource
 import time
 
 from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+# Config keys logged as hparams by every trial: the knobs people sweep. Lists are joined with ",",
+# None is "null", booleans are "true"/"false"; numbers stay numbers.
+HPARAM_KEYS = (
+    "model.name", "quantization.method", "quantization.double_quant",
+    "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora",
+    "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.scheduler", "optimizer.warmup",
+    "trainer.batch_size", "trainer.grad_accum", "trainer.max_length", "trainer.max_steps", "trainer.packing",
+    "trainer.seed", "data.name",
+)
+# metrics.json field -> hparams metric tag (also written as a scalar, which is where TensorBoard reads it).
+# In this order: TensorBoard shows the first five by default.
+HPARAM_METRICS = {
+    "eval_loss": "hparams/eval_loss",
+    "perplexity": "hparams/perplexity",
+    "train_tokens_per_s": "hparams/train_tokens_per_s",
+    "peak_memory_gb": "hparams/peak_memory_gb",
+    "initial_eval_loss": "hparams/initial_eval_loss",
+    "steps": "hparams/steps",
+    "wall_time_s": "hparams/wall_time_s",
+}
+STATES = ["complete", "pruned", "failed"]  # the `state` hparam: metrics.json's status
 
 
 def peak_memory_gb() -> tuple[float, str]:
@@ -38,33 +80,163 @@ class TrialMetrics(TrainerCallback):
         return state.num_input_tokens_seen / self.train_time if self.train_time else 0.0
 
 
+class TrialBoard:
+    """The trial's TensorBoard run folder: one writer for its scalars, and the hparams row at the end.
+
+    The writer is created on first use, so a trial that fails before training still gets its row.
+    """
+
+    def __init__(self, log_dir: str):
+        self.log_dir = str(log_dir)
+        self.interrupted = False  # set on Ctrl-C or a kill: no hparams row (a resumed attempt writes it)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    def finish(self, cfg, result) -> None:
+        """Write the hparams row of a finished trial (any status), then close. Never raises."""
+        try:
+            if not self.interrupted:
+                self.write_hparams(cfg, result)
+        except Exception as e:  # noqa: BLE001  (TensorBoard must never fail or mask a trial)
+            log.warning("could not write the TensorBoard hparams of %s: %s", self.log_dir, e)
+        finally:
+            self.close()
+
+    def write_hparams(self, cfg, result) -> None:
+        from tensorboard.plugins.hparams import plugin_data_pb2
+        from torch.utils.tensorboard.summary import hparams
+
+        values = trial_hparams(cfg, self.log_dir, result.status)
+        exp, ssi, sei = hparams(values, dict.fromkeys(HPARAM_METRICS.values(), 0.0),
+                                hparam_domain_discrete={"state": STATES})
+        differs = {"state", *swept_keys(cfg, values["run_name"])}
+        data = plugin_data_pb2.HParamsPluginData.FromString(exp.value[0].metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:  # the HPARAMS view shows differing keys first
+            info.differs = info.name in differs
+        exp.value[0].metadata.plugin_data.content = data.SerializeToString()
+        if result.status == "failed":  # the frontend's default filters show success, failure, running, unknown
+            sei = _session_end("STATUS_FAILURE")
+        step = int(result.steps or 0)
+        w = self.writer
+        for key, tag in HPARAM_METRICS.items():
+            value = getattr(result, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                w.add_scalar(tag, value, step)
+        for summary in (exp, ssi, sei):
+            w.file_writer.add_summary(summary, step)
+        w.flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def trial_hparams(cfg, log_dir: str, state: str) -> dict:
+    """The hparams row of a trial, in display order: state, swept keys, run name, HPARAM_KEYS."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    run_name = str(cfg.get("run_name") or Path(log_dir).name)
+    row = {"state": str(state)}
+    for key in [*swept_keys(cfg, run_name), "run_name", *HPARAM_KEYS]:
+        if key not in row:
+            row[key] = run_name if key == "run_name" else _hparam_value(OmegaConf.select(cfg, key, default=None))
+    return row
+
+
+def swept_keys(cfg, run_name: str) -> list[str]:
+    """Config keys named in a run name: `003-lora.r=8,optimizer.lr=0.001` (the sweeper's) or
+    `003-lora.r=8-optimizer.lr=0.001` (`__main__`'s, for other sweepers) -> ["lora.r", "optimizer.lr"]."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    keys = []
+    for key in re.findall(r"(?:^|[-,])([A-Za-z_][\w.]*)=", run_name):
+        if key not in keys and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            keys.append(key)
+    return keys
+
+
+_ABSENT = object()
+
+
+def _session_end(status: str):
+    """The hparams plugin's SessionEndInfo summary with `status` (torch's `hparams` always says success)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    content = plugin_data_pb2.HParamsPluginData(
+        session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(status), end_time_secs=time.time()),
+        version=metadata.PLUGIN_DATA_VERSION)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                  content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
+
+
+def _hparam_value(v):
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=True)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return float(v)
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
 class TensorBoardScalars(TrainerCallback):
-    """Every logged value as a TensorBoard scalar (train/*, eval/*), plus tokens/s and memory."""
+    """Every logged value as a TensorBoard scalar (train/*, eval/*), plus tokens/s and memory per training log."""
 
-    def __init__(self, log_dir: str, metrics: TrialMetrics):
-        from torch.utils.tensorboard import SummaryWriter
+    SKIP_IN_EVAL = ("epoch", "num_input_tokens_seen")  # repeated in every eval log: already in the train logs
 
-        self.writer = SummaryWriter(log_dir=log_dir)
+    def __init__(self, writer, metrics: TrialMetrics):
+        self.writer = writer
         self.metrics = metrics
 
     def on_log(self, args, state, control, logs=None, **kw):
         step = state.global_step
-        for key, value in (logs or {}).items():
+        logs = logs or {}
+        is_eval = any(k.startswith("eval_") for k in logs)
+        is_summary = "train_loss" in logs  # the Trainer's end-of-training summary
+        for key, value in logs.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            if is_eval and not key.startswith("eval_") and key in self.SKIP_IN_EVAL:
                 continue
             tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
             self.writer.add_scalar(tag, value, step)
-        if step and self.metrics.train_time:
-            self.writer.add_scalar("perf/tokens_per_s", self.metrics.tokens_per_s(state), step)
-        gb, _ = peak_memory_gb()
-        self.writer.add_scalar("perf/peak_memory_gb", gb, step)
+        if not is_eval and not is_summary:
+            if step and self.metrics.train_time:
+                self.writer.add_scalar("perf/tokens_per_s", self.metrics.tokens_per_s(state), step)
+            gb, _ = peak_memory_gb()
+            self.writer.add_scalar("perf/peak_memory_gb", gb, step)
         self.writer.flush()
 
     def on_train_end(self, args, state, control, **kw):
         self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        """Flush; the writer belongs to the trial's TrialBoard, which closes it after the hparams row."""
+        self.writer.flush()
 
 
 def _sync():

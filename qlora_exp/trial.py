@@ -12,6 +12,7 @@ Raises `ConfigError` for bad input before any model is loaded; any other failure
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,9 @@ class TrialResult:
     precision: str | None = None
     device: str | None = None
     eval_history: list = field(default_factory=list)   # [[step, eval_loss], ...]
+    resumed_from_step: int | None = None  # set when the trial resumed from a checkpoint (after preemption)
+    cuda_visible_devices: str | None = None  # the GPUs this trial's process was given
+    slurm_job_id: str | None = None
     error: str | None = None
 
     def write(self, path: Path) -> None:
@@ -72,22 +76,29 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
              len(eval_rows), precision, device.name, optim)
 
-    result = TrialResult(status="failed", objective=None, optimizer=optim, precision=precision, device=device.name)
+    result = TrialResult(status="failed", objective=None, optimizer=optim, precision=precision, device=device.name,
+                         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+    from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers
+
+    board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"))
     try:
-        _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result)
+        _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result, board)
     except BaseException as e:
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        board.interrupted = not isinstance(e, Exception)  # Ctrl-C, a kill, a requeue: not a finished trial
         raise
     finally:
         result.wall_time_s = round(time.time() - start, 2)
         result.write(out / "metrics.json")
+        board.finish(cfg, result)  # the TensorBoard hparams row: complete, pruned or failed
     log.info("trial %s: eval_loss %.4f (from %.4f), %.0f tokens/s, peak %.2f GiB, %.1f s", result.status,
              result.eval_loss, result.initial_eval_loss or float("nan"), result.train_tokens_per_s,
              result.peak_memory_gb, result.wall_time_s)
     return result
 
 
-def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result):
+def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_rows, result, board):
     import torch
     from datasets import Dataset
     from hydra.utils import instantiate
@@ -126,8 +137,7 @@ def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_
 
     # ---- train ------------------------------------------------------------------------------
     metrics = TrialMetrics()
-    tb_dir = cfg.paths.get("tensorboard_dir") or str(out / "tensorboard")
-    tb = TensorBoardScalars(tb_dir, metrics)
+    tb = TensorBoardScalars(board.writer, metrics)
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     args = build_sft_config(cfg, str(out / "checkpoints"), optim, precision, use_cpu=not device.cuda)
     trainer = SFTTrainer(
@@ -138,8 +148,10 @@ def _train(cfg, out, device, target_modules, optim, precision, train_rows, eval_
         processing_class=tokenizer,
         callbacks=[metrics, tb, *extra],
     )
+    last = _last_checkpoint(out / "checkpoints")
+    result.resumed_from_step = int(last.rsplit("-", 1)[-1]) if last else None
     try:
-        trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
+        trainer.train(resume_from_checkpoint=last)
         stop_reason = next((c.stop_reason for c in extra if getattr(c, "stop_reason", None)), None)
         if stop_reason is None and (not metrics.eval_history or metrics.eval_history[-1][0] != trainer.state.global_step):
             trainer.evaluate()

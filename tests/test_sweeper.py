@@ -58,7 +58,7 @@ def test_grid_of_three_ranks_is_exactly_three_trials(tmp_path, cache_dir):
         m = read_metrics(folder / str(t.number))
         assert m["status"] == "complete" and m["eval_loss"] == pytest.approx(t.value)
         assert OmegaConf.load(folder / str(t.number) / "config.yaml").lora.r == t.params["lora.r"]
-    tb = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / folder.name).iterdir())
+    tb = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / folder.name).iterdir() if p.name != "study")
     assert tb == sorted(f"{t.number:03d}-lora.r={t.params['lora.r']}" for t in study.trials)
     results = OmegaConf.load(folder / "optimization_results.yaml")
     assert results.best.value == min(t.value for t in study.trials) and results.trials.complete == 3
