@@ -147,3 +147,21 @@ def test_detached_driver_runs_a_sweep_to_the_end_as_a_job(tmp_path, cache_dir):
     status = subprocess.run([sys.executable, "-m", "sweeper.status", str(Path(trials[0].user_attrs["folder"]).parent)],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == 2, status.stdout + status.stderr
+
+
+def test_cancelling_the_detached_driver_cancels_its_trials(tmp_path, cache_dir):
+    args = ["--folder", str(tmp_path / "drivers"), "--", "-m", "lora.r=4,8", "trainer.max_steps=3000",
+            "trainer.eval_every=1000", *SLURM, f"paths.cache_dir={cache_dir}"]
+    out = subprocess.run([sys.executable, "-m", "sweeper.detach", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr
+    driver_id = out.stdout.split()[2].rstrip(":")
+    trial = wait_for(lambda: next((t for t in journal_study(tmp_path).trials if t.state == TrialState.RUNNING), None),
+                     timeout=300, what="a running trial")
+    trial_id = trial.user_attrs["job_id"]
+    wait_for(lambda: sacct_state(trial_id) == "RUNNING", what="the trial job to run")
+    subprocess.run(["scancel", driver_id], check=True)
+    wait_for(lambda: sacct_state(trial_id).startswith("CANCELLED"), timeout=120, what="the trial job's cancel")
+    wait_for(lambda: sacct_state(driver_id) not in ("RUNNING", "PENDING", ""), timeout=120, what="the driver's end")
+    t = next(t for t in journal_study(tmp_path).trials if t.number == trial.number)
+    assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
