@@ -142,11 +142,13 @@ def check_journal(path: Path, url: str) -> None:
         raise SweeperConfigError("storage", url, f"an Optuna journal whose every line is a whole record: line {number} "
                                  f"(byte {offset}) is not ({why}); the {number - 1} records before it are intact"
                                  f"{f' ({after} more lines follow it)' if after else ''}: keep them with "
-                                 f"`truncate -s {offset} {path}` (or move the file aside)")
+                                 f"truncate -s {offset} {path} (or move the file aside)")
 
 
 def storage_error(url: str, e: BaseException) -> SweeperConfigError:
     """What went wrong opening a storage, as one line: the URL (password hidden) and the driver's reason."""
+    while e.__cause__ is not None:  # Optuna's StorageInternalError says less than the database error under it
+        e = e.__cause__
     reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
     return SweeperConfigError("storage", _hide_password(url),
                               f"a storage this process can open and write ({type(e).__name__}: {reason})")

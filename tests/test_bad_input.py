@@ -1,0 +1,185 @@
+"""Bad input, through the real command line: each refused with exit 2 and one line on stderr naming the key,
+the value and what is accepted; no traceback (unless HYDRA_FULL_ERROR=1), no model built, no study written.
+
+Single runs (`python -m qlora_exp ...`) and sweeps (`python -m qlora_exp -m ...`) alike: in a sweep the fixed
+overrides are checked by the driver before it opens the study (a swept value that fails is that trial's
+FAIL, tests/test_sweeper.py::test_failing_trial_is_fail_and_the_sweep_completes).
+"""
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import run_cli
+
+SWEEP = ["-m", "lora.r=8,16"]
+MISSING_FIELDS = {"prompt": "hi", "answer": "yo"}
+
+# id, command-line arguments ({name} is a data file of the `data_files` fixture), the key the line names,
+# and a piece of the line that says what is accepted
+CASES = [
+    # unknown group option or key
+    ("group_option", ["model=gpt5"], "model", "is not accepted: one of llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
+    ("group_option_swept", ["-m", "quantization=nf4,nf2"], "quantization", "'nf2' is not accepted: one of fp4"),
+    ("unknown_key", ["lora.rank=8"], "lora.rank",
+     "is not accepted: a key of lora: alpha, bias, dropout, r, target_modules, use_rslora"),
+    ("unknown_key_in_sweep", [*SWEEP, "lora.rank=8"], "lora.rank", "is not accepted: a key of lora: alpha,"),
+    ("unknown_key_swept", ["-m", "lora.rank=8,16"], "lora.rank", "is not accepted: a key of lora: alpha,"),
+    ("unknown_nested_key", ["lora.extra.alpha=1"], "lora.extra.alpha", "is not accepted: a key of lora: alpha,"),
+    ("unknown_top_key", ["learning_rate=1e-4"], "learning_rate",
+     "is not accepted: a key of the config: callbacks, data, lora, model"),
+    ("unknown_sweeper_key", [*SWEEP, "hydra.sweeper.n_trial=3"], "hydra.sweeper.n_trial",
+     "is not accepted: a key of hydra.sweeper: _target_, command, direction"),
+    ("unknown_search_param", ["-m", "hydra.sweeper.params={lora.rnk:'8,16'}"], "lora.rnk",
+     "is not accepted: a key of lora: alpha,"),
+    # wrong type
+    ("type_int", ["lora.r=abc"], "lora.r", "'abc' is not accepted: an integer"),
+    ("type_int_in_sweep", [*SWEEP, "trainer.max_steps=ten"], "trainer.max_steps", "'ten' is not accepted: an integer"),
+    ("type_number", ["lora.dropout=[0.1]"], "lora.dropout", "[0.1] is not accepted: a number"),
+    ("type_hydra_bool", ["hydra.job.chdir=maybe"], "hydra.job.chdir", "is not accepted: Value 'maybe' is not a valid bool"),
+    ("type_sweeper_int", [*SWEEP, "hydra.sweeper.n_jobs=two"], "hydra.sweeper.n_jobs", "is not accepted: an integer >= 1"),
+    ("type_sweeper_rate", [*SWEEP, "hydra.sweeper.max_failure_rate=lots"], "hydra.sweeper.max_failure_rate",
+     "is not accepted: a number from 0 to 1"),
+    ("type_sweeper_seconds", [*SWEEP, "hydra.sweeper.stale_after_s=soon"], "hydra.sweeper.stale_after_s",
+     "is not accepted: a number of seconds > 0"),
+    ("type_sampler_seed", [*SWEEP, "hydra.sweeper.sampler.seed=abc"], "hydra.sweeper.sampler",
+     "is not accepted: arguments of optuna.samplers.GridSampler"),
+    ("sweep_without_m", ["lora.r=8,16"], "lora.r", "is not accepted: one value ([a,b] for a list"),
+    ("bad_interpolation", ["optimizer.lr=${nope}"], "optimizer.lr",
+     "'${nope}' is not accepted: an interpolation that resolves"),
+    # out of range
+    ("rank_zero", ["lora.r=0"], "lora.r", "=0 is not accepted: an integer >= 1"),
+    ("lr_negative_in_sweep", [*SWEEP, "optimizer.lr=-1e-4"], "optimizer.lr", "is not accepted: a number > 0"),
+    ("dropout_above_one", ["lora.dropout=1.5"], "lora.dropout", "is not accepted: a number >= 0 and < 1"),
+    ("max_steps_zero", ["trainer.max_steps=0"], "trainer.max_steps", "is not accepted: an integer >= 1, or -1"),
+    ("precision_unknown", ["trainer.precision=fp8"], "trainer.precision", "is not accepted: one of auto, bf16, fp16"),
+    ("objective_unknown", ["objective=accuracy"], "objective", "is not accepted: one of eval_loss, perplexity"),
+    ("n_jobs_zero", [*SWEEP, "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs", "=0 is not accepted: an integer >= 1"),
+    ("n_trials_zero", [*SWEEP, "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials", "is not accepted: an integer >= 1"),
+    ("failure_rate_above_one", [*SWEEP, "hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate",
+     "is not accepted: a number from 0 to 1"),
+    ("pruner_argument", [*SWEEP, "hydra.sweeper.pruner.n_warmup_steps=-5"], "hydra.sweeper.pruner",
+     "is not accepted: arguments of optuna.pruners.MedianPruner"),
+    # search grammar
+    ("interval_reversed", ["-m", "optimizer.lr=interval(5,1)"], "optimizer.lr", "interval(5,1) has low > high; accepted:"),
+    ("choice_empty", ["-m", "lora.r=choice()"], "lora.r", "'choice()' is not accepted: Hydra's override grammar"),
+    ("range_empty", ["-m", "lora.r=range(8,4)"], "lora.r", "range(8,4) is empty"),
+    ("log_zero_low", ["-m", "optimizer.lr=tag(log,interval(0,1e-3))"], "optimizer.lr", "is log scale with low <= 0; accepted:"),
+    ("log_int_negative_low", ["-m", "lora.r=tag(log,int(interval(-8,64)))"], "lora.r", "is log scale with low <= 0"),
+    ("unknown_tag", ["-m", "optimizer.lr=tag(linear,interval(1e-5,1e-3))"], "optimizer.lr", "unknown tag combination"),
+    ("unclosed_list", [*SWEEP[:1], "lora.r=[8,16"], "lora.r", "is not accepted: Hydra's override grammar"),
+    ("bad_params_block", ["-m", "hydra.sweeper.params={optimizer.lr:'interval(5,1)'}"], "optimizer.lr", "has low > high"),
+    ("nothing_to_search", ["-m", "lora.r=8"], "hydra.sweeper.params", "at least one parameter to search"),
+    # sampler, pruner, directions
+    ("unknown_sampler", [*SWEEP, "hydra.sweeper.sampler.name=annealing"], "hydra.sweeper.sampler.name",
+     "'annealing' is not accepted: one of cmaes, gp, grid, nsgaii, qmc, random, tpe"),
+    ("unknown_pruner", [*SWEEP, "hydra.sweeper.pruner.name=bogus"], "hydra.sweeper.pruner.name",
+     "'bogus' is not accepted: one of hyperband, median, none"),
+    ("grid_of_a_continuous_space", ["-m", "optimizer.lr=interval(1e-5,1e-3)", "hydra.sweeper.sampler.name=grid"],
+     "hydra.sweeper.sampler.name", "a grid needs every parameter discrete"),
+    ("unknown_direction", [*SWEEP, "hydra.sweeper.direction=sideways"], "hydra.sweeper.direction",
+     "is not accepted: minimize or maximize"),
+    ("directions_per_objective", [*SWEEP, "hydra.sweeper.objectives=[eval_loss,peak_memory_gb]",
+                                  "hydra.sweeper.direction=[minimize]"], "hydra.sweeper.direction",
+     "is not accepted: one direction per objective"),
+    # target modules
+    ("target_modules_unknown", ["lora.target_modules=[q_proj,c_attn]"], "lora.target_modules",
+     "is not accepted: a non-empty list of the tiny projections: q_proj, k_proj"),
+    ("target_modules_unknown_in_sweep", [*SWEEP, "lora.target_modules=[foo_proj]"], "lora.target_modules",
+     "is not accepted: a non-empty list of the tiny projections"),
+    ("target_preset_unknown", ["lora.target_modules=everything"], "lora.target_modules",
+     "is not accepted: a preset (all_linear, attention, mlp)"),
+    # data
+    ("data_file_missing", ["data=jsonl", "data.train_path=/no/such.jsonl"], "data.train_path",
+     "'/no/such.jsonl' is not accepted: an existing JSON-lines file"),
+    ("data_file_missing_in_sweep", [*SWEEP, "data=jsonl", "data.train_path=/no/such.jsonl"], "data.train_path",
+     "is not accepted: an existing JSON-lines file"),
+    ("eval_file_missing", ["data=jsonl", "data.train_path={good}", "data.eval_path=/no/eval.jsonl"], "data.eval_path",
+     "is not accepted: an existing JSON-lines file"),
+    ("data_not_json", ["data=jsonl", "data.train_path={not_json}"], "not_json.jsonl:2",
+     "is not accepted: one JSON object per line"),
+    ("data_not_json_in_sweep", [*SWEEP, "data=jsonl", "data.train_path={not_json}"], "not_json.jsonl:2",
+     "is not accepted: one JSON object per line"),
+    ("data_row_without_fields", ["data=jsonl", "data.train_path={missing_fields}"], "missing_fields.jsonl:1",
+     'is not accepted: {"messages": [{"role": ..., "content": ...}, ...]} with an assistant turn, or {"instruction"'),
+    ("data_row_without_fields_in_sweep", [*SWEEP, "data=jsonl", "data.train_path={missing_fields}"],
+     "missing_fields.jsonl:1", 'or {"instruction": ..., "response": ...}'),
+    ("data_empty", ["data=jsonl", "data.train_path={empty}"], "data.train_path",
+     "is not accepted: a JSON-lines file with at least one row"),
+    ("data_empty_in_sweep", [*SWEEP, "data=jsonl", "data.train_path={empty}"], "data.train_path",
+     "is not accepted: a JSON-lines file with at least one row"),
+    ("data_one_row", ["data=jsonl", "data.train_path={one_row}"], "data.train_path", "at least 2 rows to hold out"),
+    ("data_source_unknown", ["data.source=csv"], "data.source", "'csv' is not accepted: one of jsonl, hub"),
+    # study name and storage
+    ("study_name_parent_dir", [*SWEEP, "hydra.sweeper.study_name=../escape"], "hydra.sweeper.study_name",
+     "is not accepted: letters, digits and _ . = , + - (no path separators)"),
+    ("study_name_slash", [*SWEEP, "hydra.sweeper.study_name=a/b"], "hydra.sweeper.study_name", "no path separators"),
+    ("storage_not_a_url", [*SWEEP, "hydra.sweeper.storage=outputs/x.db"], "hydra.sweeper.storage",
+     "is not accepted: sqlite:///path.db, journal:///path.log or a database URL"),
+]
+
+
+@pytest.fixture
+def data_files(tmp_path) -> dict[str, str]:
+    good = {"instruction": "say hi", "response": "hi"}
+    rows = {"good": [good] * 4, "missing_fields": [MISSING_FIELDS, good], "empty": [], "one_row": [good]}
+    paths = {}
+    for name, content in rows.items():
+        paths[name] = tmp_path / "data" / f"{name}.jsonl"
+        paths[name].parent.mkdir(exist_ok=True)
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in content))
+    paths["not_json"] = tmp_path / "data" / "not_json.jsonl"
+    paths["not_json"].write_text(json.dumps(good) + "\n{'instruction': 'single quotes are not JSON'}\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def assert_nothing_written(cwd: Path) -> None:
+    db = cwd / "outputs" / "optuna.db"
+    assert not db.exists() or not optuna.get_all_study_names(f"sqlite:///{db}"), "a study was written"
+    assert not (cwd / "cache").exists(), "a model was built"
+    assert not list(cwd.rglob("metrics.json")), "a trial ran"
+
+
+@pytest.mark.parametrize("args,key,accepted", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_in_one_line(tmp_path, data_files, args, key, accepted):
+    args = [a.format(**data_files) if a.startswith(("data.train_path=", "data.eval_path=")) else a for a in args]
+    proc = run_cli(args, tmp_path, cache=tmp_path / "cache", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("error: ") and f"{key}" in line and accepted in line, line
+    assert "accepted" in line and "Traceback" not in proc.stderr + proc.stdout
+    assert_nothing_written(tmp_path)
+    if "-m" not in args:  # refused before Hydra made the run folder
+        assert not (tmp_path / "outputs").exists()
+
+
+def test_there_are_at_least_25_cases_of_every_kind():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+    assert sum("-m" in c[1] for c in CASES) >= 10 and sum("-m" not in c[1] for c in CASES) >= 10
+
+
+@pytest.mark.parametrize("args", [["lora.rank=8"], [*SWEEP, "optimizer.lr=interval(5,1)"], [*SWEEP, "lora.r=0"]],
+                         ids=["single", "sweep_grammar", "sweep_fixed_value"])
+def test_hydra_full_error_shows_the_traceback(tmp_path, args):
+    proc = run_cli(args, tmp_path, cache=tmp_path / "cache", env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert "accepted" in proc.stderr.splitlines()[-1]
+    assert_nothing_written(tmp_path)
+
+
+def test_swept_value_refused_by_the_trial_is_that_trials_fail_not_the_commands(tmp_path):
+    """The driver checks fixed overrides only: `lora.r=8,0` is a sweep where one trial is FAIL (the values a
+    sampler picks are each trial's own), so this is not refused up front."""
+    from qlora_exp.__main__ import check_command
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        check_command(["-m", "lora.r=0,8", f"paths.cache_dir={tmp_path}/cache"])  # no ConfigError
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "outputs").exists()  # the check writes nothing

@@ -1,0 +1,64 @@
+"""A Hugging Face token given by environment is never written: not in saved configs, logs, the study, TensorBoard
+events, submitit's pickles, reports. Checked by reading every byte a sweep (and its report) writes."""
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+TOKEN = "hf_SECRETabc123"
+HUB_TOKEN = "hf_HUBsecret456"
+FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
+
+
+def encodings(secret: str) -> list[bytes]:
+    """The token as it could land in a file: plain, UTF-16 (Windows-ish tools), base64 (pickles, protobufs
+    hold it plain; JSON/YAML escape nothing in it), at each of base64's three alignments."""
+    raw = secret.encode()
+    b64 = [base64.b64encode(b"\0" * pad + raw)[4 if pad else 0:-4] for pad in range(3)]
+    return [raw, secret.encode("utf-16-le"), *b64]
+
+
+def files_holding(roots: list[Path], secrets: list[str]) -> list[str]:
+    found = []
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path} holds {s!r}" for s in secrets for enc in encodings(s) if enc and enc in data]
+    return found
+
+
+@pytest.mark.slow
+def test_hf_token_never_written_by_a_sweep_or_its_report(tmp_path, cache_dir):
+    env = {"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": HUB_TOKEN}
+    proc = run_cli(["-m", "lora.r=8,16", *FAST], tmp_path, cache_dir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run_cli([*FAST, "lora.r=4"], tmp_path, cache_dir, env=env)  # a single run writes its own folder
+    assert single.returncode == 0, single.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    outputs = [proc.stdout, proc.stderr, single.stdout, single.stderr]
+    if (Path(__file__).resolve().parent.parent / "qlora_exp" / "report.py").exists():
+        report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, **env}, timeout=300)
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert (sweep / "report.md").is_file()
+        outputs += [report.stdout, report.stderr]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in written) and any("tfevents" in p.name for p in written)
+    assert any(p.name == "optuna.db" for p in written) and any(p.name.endswith(".log") for p in written)
+    assert files_holding([tmp_path, cache_dir], [TOKEN, HUB_TOKEN]) == []
+    assert not any(s in out for out in outputs for s in (TOKEN, HUB_TOKEN))
+
+
+def test_the_search_finds_a_token_where_there_is_one(tmp_path):
+    """The check above would catch a leak: plain, UTF-16 and base64-encoded copies are all found."""
+    (tmp_path / "a.yaml").write_text(f"token: {TOKEN}\n")
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01" + TOKEN.encode("utf-16-le"))
+    for pad in range(3):
+        (tmp_path / f"c{pad}.txt").write_bytes(base64.b64encode(b"x" * pad + TOKEN.encode() + b"tail"))
+    assert len(files_holding([tmp_path], [TOKEN])) == 5
