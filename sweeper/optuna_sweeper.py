@@ -426,8 +426,14 @@ def _plain(x: Any) -> Any:
 
 
 def _reason(e: BaseException, job) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
+    """One line: the exception's first line (submitit puts the SLURM state there) and, when the job's
+    error stream is quoted in it, the trial's own last error line (e.g. `error: lora.r=0 is not accepted`)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    cause = next((line for line in reversed(lines[1:]) if line.startswith("error:")
+                  or re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)), None)
     state = getattr(job, "state", None)
     if state and state not in ("FINISHED", "COMPLETED", "DONE") and "state" not in text.lower():
         text = f"{text} (job state: {state})"
-    return " ".join(text.split())[:1000]
+    text = " ".join(text.split())[:600]
+    return f"{text} | {cause[:390]}" if cause and cause not in text else text
