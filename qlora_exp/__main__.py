@@ -113,7 +113,7 @@ def check_command(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from qlora_exp.data import load_conversations
+    from qlora_exp.data import load_rows
     from qlora_exp.device import DeviceInfo
     from qlora_exp.validate import check_config
 
@@ -144,7 +144,7 @@ def check_command(argv: list[str]) -> None:
     _check_interpolations(task)
     check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
     if task.data.source == "jsonl":
-        load_conversations(task.data, task.trainer.seed)
+        load_rows(task.data, task.trainer.seed)
     folders = [("paths.output_root", task.paths.output_root), ("paths.tensorboard_root", task.paths.tensorboard_root)]
     if not args.multirun:
         folders.append(("hydra.run.dir", cfg.hydra.run.dir))

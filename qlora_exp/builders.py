@@ -41,8 +41,11 @@ def build_lora_config(lora: DictConfig, target_modules: list[str]):
                       target_modules=list(target_modules), use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
 
 
-def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: str, use_cpu: bool):
-    """The trainer arguments. transformers 5: a float `warmup_steps` below 1 is a ratio."""
+def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: str, use_cpu: bool,
+                     micro_batch_size: int, grad_accum: int, checkpointing: bool):
+    """The trainer arguments. transformers 5: a float `warmup_steps` below 1 is a ratio. The split of a step
+    into micro-batches and the checkpointing come resolved (qlora_exp.memory). Packing is not trl's (which
+    re-cuts the dataset into full rows): the trial gives the trainer a PackedBatchCollator (qlora_exp.packing)."""
     from trl import SFTConfig
 
     tr, opt = cfg.trainer, cfg.optimizer
@@ -51,9 +54,9 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         output_dir=output_dir,
         max_steps=tr.max_steps,
         num_train_epochs=tr.epochs,
-        per_device_train_batch_size=tr.batch_size,
-        per_device_eval_batch_size=tr.batch_size,
-        gradient_accumulation_steps=tr.grad_accum,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=opt.lr,
         weight_decay=opt.weight_decay,
         lr_scheduler_type=opt.scheduler,
@@ -63,8 +66,8 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=use_cpu,
-        gradient_checkpointing=tr.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         eval_strategy="steps",
         eval_steps=tr.eval_every,
         eval_on_start=True,
@@ -78,8 +81,6 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         seed=tr.seed,
         data_seed=tr.seed,
         max_length=tr.max_length,
-        packing=tr.packing,
-        padding_free=tr.packing,
         assistant_only_loss=cfg.data.assistant_only_loss,
         dataloader_num_workers=tr.num_workers,
         include_num_input_tokens_seen="non_padding",

@@ -58,26 +58,44 @@ def peak_memory_gb() -> tuple[float, str]:
 
 
 class TrialMetrics(TrainerCallback):
-    """Times optimizer steps (evaluation excluded), counts real tokens, keeps the eval history."""
+    """Times optimizer steps (evaluation excluded), counts real tokens, keeps the eval and loss histories."""
+
+    WARMUP_STEPS = 3  # left out of the steady rate: first kernels, allocator growth, paged-optimizer set-up
 
     def __init__(self):
         self.train_time = 0.0
         self.eval_history: list[tuple[int, float]] = []
+        self.loss_history: list[tuple[int, float]] = []
+        self.steps: list[tuple[float, int]] = []   # (seconds, real tokens) of each optimizer step
         self._t = None
+        self._tokens = 0
 
     def on_step_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()
+        self._tokens = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kw):
         _sync()
-        self.train_time += time.perf_counter() - self._t
+        seconds = time.perf_counter() - self._t
+        self.train_time += seconds
+        self.steps.append((seconds, state.num_input_tokens_seen - self._tokens))
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if metrics and "eval_loss" in metrics:
             self.eval_history.append((state.global_step, float(metrics["eval_loss"])))
 
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.loss_history.append((state.global_step, float(logs["loss"])))
+
     def tokens_per_s(self, state) -> float:
         return state.num_input_tokens_seen / self.train_time if self.train_time else 0.0
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Real tokens per second of the steps after the first WARMUP_STEPS (None with under 3 such steps)."""
+        rest = self.steps[self.WARMUP_STEPS:]
+        seconds = sum(s for s, _ in rest)
+        return sum(n for _, n in rest) / seconds if len(rest) >= 3 and seconds else None
 
 
 class TrialBoard:

@@ -1,8 +1,9 @@
-"""Training and held-out rows as chat `messages`, from local JSON-lines files or the hub.
+"""Training and held-out rows, from local JSON-lines files or the hub, as the dicts trl's SFTTrainer takes.
 
 Accepted rows: `{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}` with at
-least one assistant turn, or `{"instruction": str, "input": str (optional), "response"|"output": str}`.
-Bad rows raise `ConfigError` naming the file and line, before any model is loaded.
+least one assistant turn, or `{"instruction": str, "input": str (optional), "response"|"output": str}`
+(both become `{"messages": [...]}`), or pre-tokenized `{"input_ids": [int, ...]}` (trained on every token;
+benchmarks use these). Bad rows raise `ConfigError` naming the file and line, before any model is loaded.
 """
 import json
 import random
@@ -13,7 +14,7 @@ from qlora_exp.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
 ROW_FORMS = ('{"messages": [{"role": ..., "content": ...}, ...]} with an assistant turn, '
-             'or {"instruction": ..., "response": ...}')
+             'or {"instruction": ..., "response": ...}, or {"input_ids": [int, ...]}')
 
 
 def to_messages(row: dict, where: str, system_prompt: str | None = None) -> list[dict]:
@@ -39,7 +40,17 @@ def to_messages(row: dict, where: str, system_prompt: str | None = None) -> list
     return msgs
 
 
-def read_jsonl(path: str, key: str, system_prompt: str | None = None) -> list[list[dict]]:
+def to_row(row, where: str, system_prompt: str | None = None) -> dict:
+    """One JSON row -> `{"messages": [...]}`, or `{"input_ids": [...]}` for a pre-tokenized row."""
+    if isinstance(row, dict) and "input_ids" in row:
+        ids = row["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ConfigError(f"{where} input_ids", str(ids)[:40], "a non-empty list of token ids (integers >= 0)")
+        return {"input_ids": ids}
+    return {"messages": to_messages(row, where, system_prompt)}
+
+
+def read_jsonl(path: str, key: str, system_prompt: str | None = None) -> list[dict]:
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -49,14 +60,17 @@ def read_jsonl(path: str, key: str, system_prompt: str | None = None) -> list[li
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{key} {path}:{i}", line.strip()[:60], f"one JSON object per line ({e.msg})") from None
-            rows.append(to_messages(row, f"{key} {path}:{i}", system_prompt))
+            rows.append(to_row(row, f"{key} {path}:{i}", system_prompt))
     if not rows:
         raise ConfigError(key, path, "a JSON-lines file with at least one row")
+    kinds = {next(iter(r)) for r in rows}
+    if len(kinds) > 1:
+        raise ConfigError(key, path, "rows of one kind: all chat/instruction rows or all input_ids rows")
     return rows
 
 
-def load_conversations(data: DictConfig, seed: int) -> tuple[list[list[dict]], list[list[dict]]]:
-    """(train, eval) lists of conversations; eval is held out from train when no eval file is given."""
+def load_rows(data: DictConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) lists of rows; eval is held out from train when no eval file is given."""
     if data.source == "hub":
         from datasets import load_dataset
 
@@ -64,7 +78,7 @@ def load_conversations(data: DictConfig, seed: int) -> tuple[list[list[dict]], l
             ds = load_dataset(data.hub_name, split=name, revision=data.get("revision"))
             if cap:
                 ds = ds.select(range(min(cap, len(ds))))
-            return [to_messages(r, f"data {data.hub_name}[{name}]", data.system_prompt) for r in ds]
+            return [to_row(r, f"data {data.hub_name}[{name}]", data.system_prompt) for r in ds]
         return split(data.train_split, data.max_train_rows), split(data.eval_split, data.max_eval_rows)
 
     train = read_jsonl(data.train_path, "data.train_path", data.system_prompt)
@@ -84,4 +98,9 @@ def load_conversations(data: DictConfig, seed: int) -> tuple[list[list[dict]], l
         train = train[: data.max_train_rows]
     if data.max_eval_rows:
         evals = evals[: data.max_eval_rows]
+    if "input_ids" in train[0] and data.assistant_only_loss:
+        raise ConfigError("data.assistant_only_loss", True, "false for pre-tokenized input_ids rows (they have no "
+                          "assistant turns: every token is trained)")
+    if next(iter(train[0])) != next(iter(evals[0])):
+        raise ConfigError("data.eval_path", data.eval_path, "rows of the same kind as data.train_path")
     return train, evals

@@ -9,6 +9,7 @@ class DeviceInfo:
     bf16: bool          # bf16 matmuls on the GPU (Ampere or newer)
     n_gpus: int
     name: str
+    memory_gb: float = 0.0  # total memory of the first GPU (GiB)
 
 
 @lru_cache(maxsize=1)
@@ -17,5 +18,5 @@ def probe_device() -> DeviceInfo:
 
     if torch.cuda.is_available():
         return DeviceInfo(True, torch.cuda.is_bf16_supported(), torch.cuda.device_count(),
-                          torch.cuda.get_device_name(0))
+                          torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30)
     return DeviceInfo(False, False, 0, "cpu")

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from qlora_exp.device import DeviceInfo
 from qlora_exp.errors import ConfigError
+from qlora_exp.packing import LAYOUTS
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
@@ -78,6 +79,7 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     # quantization
     _one_of("quantization.method", q.method, QUANT_METHODS)
     _one_of("quantization.compute_dtype", q.compute_dtype, DTYPES)
+    _one_of("quantization.upcast_frozen", q.get("upcast_frozen", False), (True, False))
     # lora
     _number("lora.r", lora.r, low=1, integer=True)
     _number("lora.alpha", lora.alpha, low=0, low_open=True)
@@ -95,6 +97,21 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     # trainer
     _number("trainer.batch_size", tr.batch_size, low=1, integer=True)
     _number("trainer.grad_accum", tr.grad_accum, low=1, integer=True)
+    micro = tr.get("micro_batch_size")
+    if micro not in (None, "auto"):
+        _number("trainer.micro_batch_size", micro, low=1, integer=True)
+        if (tr.batch_size * tr.grad_accum) % micro:
+            raise ConfigError("trainer.micro_batch_size", micro, f"null, auto or a divisor of trainer.batch_size x "
+                              f"trainer.grad_accum = {tr.batch_size * tr.grad_accum} (the examples per step)")
+    if tr.get("memory_budget_gb") is not None:
+        _number("trainer.memory_budget_gb", tr.memory_budget_gb, low=0, low_open=True)
+    _one_of("trainer.gradient_checkpointing", tr.gradient_checkpointing, (True, False, "auto"))
+    if tr.get("checkpointed_layers") is not None:
+        _number("trainer.checkpointed_layers", tr.checkpointed_layers, low=0, high=cfg.model.shape.num_hidden_layers,
+                integer=True)
+    _one_of("trainer.packing", tr.packing, (True, False))
+    _one_of("trainer.packing_layout", tr.packing_layout, ("auto", *LAYOUTS))
+    _one_of("trainer.fused_kernels", tr.fused_kernels, (True, False, "auto"))
     _number("trainer.max_steps", tr.max_steps, low=-1, integer=True)
     if tr.max_steps == 0:
         raise ConfigError("trainer.max_steps", 0, "an integer >= 1, or -1 to train for trainer.epochs")

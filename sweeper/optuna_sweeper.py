@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import time
@@ -302,7 +303,7 @@ class OptunaSweeperImpl:
             else:
                 results["pareto_front"] = [describe(t) for t in study.best_trials]
                 best_line = f"{len(study.best_trials)} on the Pareto front"
-        tmp = sweep_dir / ".optimization_results.yaml.tmp"
+        tmp = sweep_dir / f".optimization_results.yaml.{os.getpid()}.tmp"  # drivers sharing a study each write their own
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(results))))
         tmp.replace(sweep_dir / "optimization_results.yaml")
         write_study_run(study, self.config, sweep_dir, self.objectives)  # TensorBoard: <root>/<sweep>/study

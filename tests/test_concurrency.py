@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from sweeper.components import build_storage
@@ -58,10 +59,12 @@ def test_killed_trial_process_is_fail_and_the_sweep_goes_on(tmp_path, cache_dir)
         deadline = time.time() + 300
         while victim is None and time.time() < deadline:
             time.sleep(1)
+            if not (tmp_path / "outputs" / "optuna.db").exists():  # the driver has not created the study yet
+                continue
             try:
                 (name,) = optuna.get_all_study_names(storage)
                 trials = optuna.load_study(study_name=name, storage=storage).trials
-            except ValueError:
+            except (ValueError, sqlalchemy.exc.OperationalError):  # being created by the driver
                 continue
             running = [t for t in trials if t.state == TrialState.RUNNING and t.number == 0]
             tb = tmp_path / "outputs" / "tensorboard" / name

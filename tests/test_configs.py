@@ -72,9 +72,12 @@ def test_lora_attention_preset_group(make_cfg):
 
 def test_trainer_and_optimizer_map_to_sft_config(make_cfg, tmp_path):
     cfg = make_cfg("trainer=article", "model=llama3_8b")
-    # bf16 needs a GPU to build TrainingArguments; on this CPU machine map the same config in fp32
-    args = build_sft_config(cfg, str(tmp_path), "paged_adamw_32bit", "fp32", use_cpu=True)
+    # bf16 needs a GPU to build TrainingArguments; on this CPU machine map the same config in fp32.
+    # trainer=article leaves the split to the memory plan: here, the article's own 2 x 4 with checkpointing
+    args = build_sft_config(cfg, str(tmp_path), "paged_adamw_32bit", "fp32", use_cpu=True,
+                            micro_batch_size=2, grad_accum=4, checkpointing=True)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (2, 4, 1024)
+    assert not args.packing and not args.padding_free  # packing is qlora_exp's collator, not trl's re-cut rows
     assert args.gradient_checkpointing and not args.bf16 and args.optim == "paged_adamw_32bit"
     assert args.learning_rate == 2e-4 and args.lr_scheduler_type == "cosine" and args.max_grad_norm == 0.3
     assert args.warmup_steps == 0.03 and args.assistant_only_loss and args.eval_on_start

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_exp.data import load_conversations
+from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo
 from qlora_exp.errors import ConfigError
 from qlora_exp.validate import check_config, optimizer_for_device
@@ -73,7 +73,7 @@ def test_bad_data_rows(make_cfg, tmp_path, rows, where):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg("data=jsonl", f"data.train_path={path}")
     with pytest.raises(ConfigError) as e:
-        load_conversations(cfg.data, seed=0)
+        load_rows(cfg.data, seed=0)
     assert where in str(e.value) and "\n" not in str(e.value)
 
 
@@ -83,9 +83,10 @@ def test_jsonl_both_row_forms_and_held_out_split(make_cfg, tmp_path):
     rows += [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}] * 10
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg("data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.2")
-    train, evals = load_conversations(cfg.data, seed=0)
+    train, evals = load_rows(cfg.data, seed=0)
     assert (len(train), len(evals)) == (16, 4)
-    assert train[0][0] == {"role": "user", "content": "q0\n\nctx"} or any(r[0]["content"] == "u" for r in train)
+    assert (train[0]["messages"][0] == {"role": "user", "content": "q0\n\nctx"}
+            or any(r["messages"][0]["content"] == "u" for r in train))
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -1,0 +1,248 @@
+"""Trial throughput against the article's recipe, on identical data, in one machine run.
+
+    python bench/throughput.py --recipe ../shared/bench/seed_recipe.py               # GPU: Llama-3-8B shape
+    python bench/throughput.py --recipe ../shared/bench/seed_recipe.py --shape tiny --model tiny \
+        --steps 8 --variants recipe,runner_as_written,fast                             # CPU smoke run
+
+What it does, in order:
+  1. runs the recipe script as written (`seed_recipe.py --shape S --steps N`, batch 2 x 4, max length 1024):
+     it builds the random-weight model of that shape in /tmp/model-S (seed 0) and prints one JSON line;
+     its loss every 5 steps comes from the trainer's log lines;
+  2. writes the recipe's own synthetic rows (its `make_data`, same seed and count: the same token rows the
+     recipe trained on) as pre-tokenized JSON lines, plus 16 held-out rows;
+  3. runs qlora_exp's trial runner (`python -m qlora_exp`, one process per variant) on that model folder
+     and those rows with the recipe's optimizer, LoRA and schedule, and reads each trial's metrics.json;
+  4. prints and writes (`--out`/throughput.md and .json) a table: real tokens/s (steady state, the first 3
+     steps left out, as the recipe does), ratio to the recipe, peak allocated and reserved GPU memory, the
+     split and kernels each used, and the largest relative gap between its loss curve and the recipe's at
+     the steps both logged (every 5 steps: the mean loss of those 5 steps).
+A variant that fails is reported as failed with its last error line; the others still run.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> qlora_exp overrides on top of the common ones (trainer=article: 8 examples per step, max length 1024)
+VARIANTS = {
+    # the recipe's settings, through qlora_exp: no packing, batch 2 x 4, checkpointing, no fused kernels
+    "runner_as_written": ["trainer.packing=false", "trainer.fused_kernels=false", "trainer.micro_batch_size=null",
+                          "trainer.gradient_checkpointing=true", "trainer.memory_budget_gb=null",
+                          "quantization.upcast_frozen=true"],
+    # the shipped defaults of trainer=article: packing, fused kernels, split and checkpointing from 24 GiB
+    "fast": [],
+    # the shipped defaults but the frozen weights upcast to fp32 as the article does
+    "fast_upcast": ["quantization.upcast_frozen=true"],
+    # the same, the split fixed by hand (what the memory plan chooses between)
+    "fast_m8_ckpt": ["trainer.micro_batch_size=8", "trainer.gradient_checkpointing=true", "trainer.memory_budget_gb=null"],
+    "fast_m4_ckpt": ["trainer.micro_batch_size=4", "trainer.gradient_checkpointing=true", "trainer.memory_budget_gb=null"],
+    "fast_m1_nockpt": ["trainer.micro_batch_size=1", "trainer.gradient_checkpointing=false",
+                       "trainer.memory_budget_gb=null"],
+    "fast_m2_nockpt": ["trainer.micro_batch_size=2", "trainer.gradient_checkpointing=false",
+                       "trainer.memory_budget_gb=null"],
+    "fast_ckpt24": ["trainer.checkpointed_layers=24", "trainer.memory_budget_gb=null", "trainer.micro_batch_size=8",
+                    "trainer.gradient_checkpointing=true"],
+    "fast_ckpt16": ["trainer.checkpointed_layers=16", "trainer.memory_budget_gb=null", "trainer.micro_batch_size=8",
+                    "trainer.gradient_checkpointing=true"],
+    "fast_m8_nockpt": ["trainer.micro_batch_size=8", "trainer.gradient_checkpointing=false", "trainer.memory_budget_gb=null"],
+    "fast_m8_ckpt_flat": ["trainer.micro_batch_size=8", "trainer.gradient_checkpointing=true",
+                          "trainer.memory_budget_gb=null", "trainer.packing_layout=flat"],
+    "fast_m8_ckpt_nofused": ["trainer.micro_batch_size=8", "trainer.gradient_checkpointing=true",
+                             "trainer.memory_budget_gb=null", "trainer.fused_kernels=false"],
+}
+RECIPE_VARIANTS = {"recipe": [], "recipe_best_24g": ["--packing", "--bs", "8", "--accum", "1", "--liger"]}
+FULL_LENGTH = ("recipe", "runner_as_written", "fast")  # the others run --explore-steps
+
+
+def load_recipe(path: Path):
+    spec = importlib.util.spec_from_file_location("seed_recipe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(cmd, log: Path, timeout: int, env=None) -> tuple[int, str]:
+    t0 = time.time()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
+                                env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    text = log.read_text(errors="replace")
+    print(f"  [{time.time() - t0:5.0f} s] rc {rc}: {' '.join(map(str, cmd))[:160]}", flush=True)
+    return rc, text
+
+
+def last_error(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if "Error" in ln or "error:" in ln]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "no output")[:200]
+
+
+def recipe_losses(text: str) -> list[list[float]]:
+    """The trainer's printed logs: {'loss': '11.93', ...} every logging_steps=5 steps."""
+    losses = [float(m) for m in re.findall(r"'loss': '?([0-9.]+(?:e[-+]?\d+)?)'?", text)]
+    return [[5 * (i + 1), v] for i, v in enumerate(losses)]
+
+
+def curve_gap(a: list, b: list) -> float | None:
+    """Largest relative gap between two [[step, loss], ...] curves at the steps both have."""
+    bd = dict((int(s), v) for s, v in b)
+    gaps = [abs(v - bd[int(s)]) / abs(bd[int(s)]) for s, v in a if int(s) in bd and int(s) > 1]
+    return max(gaps) if gaps else None
+
+
+def write_rows(seed, shape: str, steps: int, data: Path) -> None:
+    """The recipe's own rows (its make_data, same count and seed) and 16 held-out rows, as input_ids JSON lines."""
+    data.mkdir(parents=True, exist_ok=True)
+    vocab = seed.SHAPES[shape]["vocab_size"]
+    train = seed.make_data(steps * 2 * 4 * 2 + 64, 1024, vocab)  # the recipe's call: steps x bs x accum x 2 + 64
+    held = seed.make_data(16, 1024, vocab, seed=1)
+    for rows, f in ((train, data / "train.jsonl"), (held, data / "eval.jsonl")):
+        with open(f, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"input_ids": r["input_ids"]}) + "\n")
+
+
+def trial_run(name: str, steps: int, common: list, a) -> dict:
+    run_dir = a.out / name
+    extra = []
+    if name in a.profile.split(","):
+        extra = ["+callbacks.profile._target_=bench.profile_steps.ProfileSteps",
+                 f"+callbacks.profile.out={a.out / (name + '.profile.txt')}"]
+    rc, text = run([sys.executable, "-m", "qlora_exp", *common, f"trainer.max_steps={steps}", *VARIANTS[name],
+                    *extra, f"hydra.run.dir={run_dir}"], a.out / f"{name}.log", a.timeout,
+                   env={"TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    if rc or m.get("status") != "complete":
+        return {"status": "failed", "error": m.get("error") or last_error(text)}
+    return {"status": "complete", "tokens_per_s": m["steady_tokens_per_s"], "peak_gb": m["peak_memory_gb"],
+            "reserved_gb": m.get("peak_memory_reserved_gb"), "split": f"{m['micro_batch_size']} x {m['grad_accum']}",
+            "ckpt": m["gradient_checkpointing"], "packing": m["packing"], "fused": m["fused_kernels"].split(":")[0],
+            "steps": m["steps"], "loss_history": m["loss_history"], "memory_plan": m.get("memory_plan"),
+            "eval_loss": m["eval_loss"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True, type=Path, help="../shared/bench/seed_recipe.py (not copied here)")
+    ap.add_argument("--shape", default="llama3-8b", help="a shape the recipe knows: llama3-8b, llama-1b, tiny")
+    ap.add_argument("--model", default="llama3_8b", help="the qlora_exp model config of that shape")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the loss curves: 30)")
+    ap.add_argument("--explore-steps", type=int, default=14, help="steps for the fast_* variants other than fast")
+    ap.add_argument("--variants", default="recipe,runner_as_written,fast",
+                    help=f"comma list of {', '.join([*RECIPE_VARIANTS, *VARIANTS])}")
+    ap.add_argument("--profile", default="", help="comma list of variants to profile (steps 5-6) with torch.profiler")
+    ap.add_argument("--set", action="append", default=[], help="extra qlora_exp override for every variant")
+    ap.add_argument("--recipe-arg", action="append", default=[], help="extra recipe argument (e.g. --optim=adamw_torch)")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "throughput")
+    ap.add_argument("--timeout", type=int, default=420)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    names = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS and v not in RECIPE_VARIANTS]
+    if unknown:
+        sys.exit(f"error: --variants={','.join(unknown)} is not accepted: one of {', '.join([*RECIPE_VARIANTS, *VARIANTS])}")
+
+    seed = load_recipe(a.recipe.resolve())
+    model_dir = Path(f"/tmp/model-{a.shape}")  # where the recipe script builds and keeps its model
+    env_info = environment()
+    print(json.dumps(env_info), flush=True)
+    results: dict[str, dict] = {}
+
+    def recipe_run(name, steps):
+        rc, text = run([sys.executable, str(a.recipe.resolve()), "--shape", a.shape, "--steps", str(steps),
+                        *RECIPE_VARIANTS[name], *a.recipe_arg], a.out / f"{name}.log", a.timeout)
+        line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("{\"shape\"")), None)
+        if rc or not line:
+            return {"status": "failed", "error": last_error(text)}
+        rec = json.loads(line)
+        return {"status": "complete", "tokens_per_s": rec["real_tok_s"], "peak_gb": rec["peak_gib"],
+                "reserved_gb": rec["reserved_gib"], "split": f"{rec['bs']} x {rec['accum']}", "ckpt": rec["ckpt"],
+                "packing": "trl bfd" if rec["packing"] else "off", "fused": "liger" if rec["liger"] else "off",
+                "steps": steps, "loss_history": recipe_losses(text), "raw": rec}
+
+    # 1. the recipe builds the model folder on first use; 2. its rows, pre-tokenized, for qlora_exp
+    if names[0] not in RECIPE_VARIANTS and not (model_dir / "config.json").exists():
+        names.insert(0, "recipe")
+    data = a.out / "data"
+    common = [f"model={a.model}", f"model.name_or_path={model_dir}", "model.random_init=false", "data=jsonl",
+              f"data.train_path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}",
+              "data.assistant_only_loss=false", "trainer=article", "trainer.max_length=1024", "trainer.epochs=1",
+              "trainer.eval_every=100000", "trainer.log_every=5", "trainer.save_adapter=false",
+              "optimizer=paged_adamw_32bit", "optimizer.lr=2e-4", "lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
+              "lora.target_modules=all_linear", "quantization=nf4", "hydra/sweeper=basic", *a.set]
+    for name in names:
+        steps = a.steps if name in FULL_LENGTH else a.explore_steps
+        if name in RECIPE_VARIANTS:
+            results[name] = recipe_run(name, steps)
+        else:
+            if not (data / "train.jsonl").exists():
+                if not (model_dir / "config.json").exists():
+                    sys.exit(f"error: the recipe did not build {model_dir}: see {a.out}")
+                write_rows(seed, a.shape, a.steps, data)
+            results[name] = trial_run(name, steps, common, a)
+        print(f"  {name}: {json.dumps(results[name])}"[:300], flush=True)
+        (a.out / "throughput.json").write_text(json.dumps({"environment": env_info, "results": results}, indent=1))
+
+    # 4. the table
+    base = results.get("recipe", {})
+    lines = [f"{env_info['gpu']}, torch {env_info['torch']}, transformers {env_info['transformers']}, peft "
+             f"{env_info['peft']}, bitsandbytes {env_info['bitsandbytes']}, trl {env_info['trl']}, "
+             f"liger-kernel {env_info['liger_kernel']}, {env_info['date']}; shape {a.shape}, {a.steps} steps "
+             f"(fast_* variants other than fast: {a.explore_steps})", "",
+             "| run | real tokens/s | vs recipe | peak allocated GiB | peak reserved GiB | micro x accum | "
+             "checkpointing | packing | fused kernels | loss curve vs recipe (max rel. gap) |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: |"]
+    for name, r in results.items():
+        if r["status"] != "complete":
+            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
+        gap = curve_gap(r["loss_history"], base.get("loss_history", [])) if name != "recipe" else None
+        gib = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {f'{ratio:.2f}' if ratio else '-'} | {gib(r['peak_gb'])} | "
+                     f"{gib(r['reserved_gb'])} | {r['split']} | {'on' if r['ckpt'] else 'off'} | {r['packing']} | "
+                     f"{r['fused']} | {f'{gap:.2%}' if gap is not None else '-'} |")
+    curves = {n: r.get("loss_history") for n, r in results.items() if r.get("loss_history")}
+    lines += ["", "Loss every 5 steps (mean of those steps): " + json.dumps(
+        {n: [[s, round(v, 4)] for s, v in c if s % 5 == 0] for n, c in curves.items()})]
+    plans = {n: r["memory_plan"] for n, r in results.items() if r.get("memory_plan")}
+    if plans:
+        lines += ["", *(f"- {n}: {p}" for n, p in plans.items())]
+    table = "\n".join(lines)
+    (a.out / "throughput.md").write_text(table + "\n")
+    (a.out / "throughput.json").write_text(json.dumps({"environment": env_info, "results": results}, indent=1))
+    print("\n" + table)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "absent"
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip() if shutil_which("nvidia-smi") else "no GPU"
+    return {"gpu": gpu or "no GPU", "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0],
+            **{p.replace("-", "_"): version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "trl",
+                                                          "accelerate", "liger-kernel", "datasets")}}
+
+
+def shutil_which(cmd):
+    import shutil
+
+    return shutil.which(cmd)
+
+
+if __name__ == "__main__":
+    main()
