@@ -72,13 +72,15 @@ def study_location(folder: Path) -> tuple[str, str, list[str] | None]:
             names = [str(n) for n in names] if names else ([str(single)] if single else None)
         except Exception:  # noqa: BLE001  (names are cosmetic)
             names = None
-    return str(info.storage), str(info.study_name), names
+    from sweeper.components import storage_from_file
+
+    return storage_from_file(str(info.storage)), str(info.study_name), names
 
 
 def open_study(storage_url: str, study_name: str):
     import optuna
 
-    from sweeper.components import build_storage
+    from sweeper.components import build_storage, hide_password
 
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         raise ReportError(f"no study database at {storage_url[len('sqlite:///'):]}")
@@ -89,7 +91,7 @@ def open_study(storage_url: str, study_name: str):
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-        raise ReportError(f"no study {study_name!r} in {storage_url}; it has: {', '.join(names) or 'none'}") from None
+        raise ReportError(f"no study {study_name!r} in {hide_password(storage_url)}; it has: {', '.join(names) or 'none'}") from None
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -225,6 +227,8 @@ def _figure(ax):
 def build_report(study, folder: Path, storage_url: str, objective_names: list[str] | None = None) -> Report:
     from optuna.trial import TrialState
 
+    from sweeper.components import hide_password
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     header, rows = trial_rows(study)
@@ -235,7 +239,7 @@ def build_report(study, folder: Path, storage_url: str, objective_names: list[st
     directions = ", ".join(d.name.lower() for d in study.directions)
 
     md = [f"# Sweep report: {study.study_name}", "",
-          f"- storage: `{storage_url}`", f"- direction: {directions}"
+          f"- storage: `{hide_password(storage_url)}`", f"- direction: {directions}"
           + (f" ({', '.join(objective_names)})" if objective_names else ""),
           "- trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
           f"- written: {dt.datetime.now().isoformat(timespec='seconds')}"

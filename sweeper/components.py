@@ -150,12 +150,16 @@ def storage_error(url: str, e: BaseException) -> SweeperConfigError:
     while e.__cause__ is not None:  # Optuna's StorageInternalError says less than the database error under it
         e = e.__cause__
     reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
-    return SweeperConfigError("storage", _hide_password(url),
+    return SweeperConfigError("storage", hide_password(url),
                               f"a storage this process can open and write ({type(e).__name__}: {reason})")
 
 
-def _hide_password(url: str) -> str:
-    if "@" not in url or url.startswith(("sqlite:", "journal:")):
+STORAGE_ENV = "QLORA_EXP_STUDY_STORAGE"
+
+
+def hide_password(url: str | None) -> str | None:
+    """The storage URL as logs, result files and trial configs may show it: a database password as ***."""
+    if not url or "@" not in url or url.startswith(("sqlite:", "journal:")):
         return url
     try:
         from sqlalchemy.engine import make_url
@@ -165,3 +169,28 @@ def _hide_password(url: str) -> str:
         import re
 
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def storage_from_file(url: str) -> str:
+    """A storage URL read back from a sweep's files: a hidden password comes from the environment (STORAGE_ENV)."""
+    import os
+
+    if "***@" not in url:
+        return url
+    full = os.environ.get(STORAGE_ENV)
+    if full and hide_password(full) == url:
+        return full
+    raise SweeperConfigError("storage", url, f"the full URL in the environment variable {STORAGE_ENV} "
+                             "(a database password is never written to the sweep's files)")
+
+
+def storage_for_trials(url: str) -> str | None:
+    """What trial processes are told of the study's storage in their overrides (which Hydra and the trial write
+    to their folders): the URL itself, or None when it holds a password; then the trials read it from the
+    environment they inherit from the driver (STORAGE_ENV; SLURM jobs get it through sbatch's --export=ALL)."""
+    import os
+
+    if hide_password(url) == url:
+        return url
+    os.environ[STORAGE_ENV] = url
+    return None

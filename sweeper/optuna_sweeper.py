@@ -25,7 +25,15 @@ from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from sweeper.components import SweeperConfigError, build_pruner, build_sampler, build_storage, storage_error
+from sweeper.components import (
+    SweeperConfigError,
+    build_pruner,
+    build_sampler,
+    build_storage,
+    hide_password,
+    storage_error,
+    storage_for_trials,
+)
 from sweeper.jobs import TrialJob, make_executor
 from sweeper.search_space import grid_values, is_grid, parse_search_space
 from sweeper.tensorboard import write_study_run
@@ -124,7 +132,7 @@ class OptunaSweeperImpl:
         target = self.n_trials if self.n_trials is not None else (math.prod(map(len, grid.values())) if grid else 20)
         done = self._count_finished(study)
         log.info("%s study '%s' in %s: %d of %d trials finished; sampler %s, pruner %s, %d slot(s); folder %s",
-                 "resumed" if existed else "created", study_name, self.storage_url, done, target, sampler_name,
+                 "resumed" if existed else "created", study_name, hide_password(self.storage_url), done, target, sampler_name,
                  type(pruner).__name__, self.n_jobs, sweep_dir)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         ctx = dict(study=study, distributions=distributions, fixed=fixed, sweep_dir=sweep_dir, study_name=study_name,
@@ -185,7 +193,8 @@ class OptunaSweeperImpl:
         if pruning and self.callbacks_key:
             cb = f"+{self.callbacks_key}.optuna_pruning"
             overrides += [f"{cb}._target_=sweeper.pruning.OptunaPruningCallback",
-                          f"{cb}.storage={hydra_value(self.storage_url)}", f"{cb}.study_name={hydra_value(study_name)}",
+                          f"{cb}.storage={hydra_value(storage_for_trials(self.storage_url))}",
+                          f"{cb}.study_name={hydra_value(study_name)}",
                           f"{cb}.trial_number={trial.number}", f"{cb}.metric={hydra_value(self.prune_metric)}",
                           f"{cb}.pruner={hydra_value(self.pruner_spec or {})}"]
         if kind == "local" and gpus:
@@ -288,7 +297,8 @@ class OptunaSweeperImpl:
         trials = study.get_trials(deepcopy=False)
         count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                                 TrialState.FAIL)}
-        results: dict[str, Any] = {"study_name": study_name, "storage": self.storage_url, "sweep_dir": str(sweep_dir),
+        results: dict[str, Any] = {"study_name": study_name, "storage": hide_password(self.storage_url),
+                                   "sweep_dir": str(sweep_dir),
                                    "n_trials": target, "trials": {**count, "running": len(running)}}
         best_line = "none yet"
         if count["complete"]:

@@ -13,11 +13,15 @@ log = logging.getLogger(__name__)
 
 
 class OptunaPruningCallback(TrainerCallback):
-    def __init__(self, storage: str, study_name: str, trial_number: int, pruner: dict | None = None,
+    def __init__(self, storage: str | None, study_name: str, trial_number: int, pruner: dict | None = None,
                  metric: str = "eval_loss"):
+        import os
+
         import optuna
 
-        from sweeper.components import build_pruner, build_storage
+        from sweeper.components import STORAGE_ENV, build_pruner, build_storage
+
+        storage = storage or os.environ[STORAGE_ENV]  # None: a URL with a password, kept out of the overrides
 
         self.study = optuna.load_study(study_name=study_name, storage=build_storage(storage),
                                        pruner=build_pruner(pruner))

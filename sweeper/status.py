@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from sweeper.components import build_storage
+from sweeper.components import build_storage, storage_from_file
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     if not results_file.is_file():
         raise SystemExit(f"error: sweep={str(folder)!r} has no optimization_results.yaml: give a sweep folder")
     results = OmegaConf.load(results_file)
-    study = optuna.load_study(study_name=results.study_name, storage=build_storage(results.storage))
+    study = optuna.load_study(study_name=results.study_name, storage=build_storage(storage_from_file(results.storage)))
     rows = trial_rows(study)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     print(f"study {results.study_name} ({results.storage}), target {results.n_trials} trials: "

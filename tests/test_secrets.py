@@ -62,3 +62,36 @@ def test_the_search_finds_a_token_where_there_is_one(tmp_path):
     for pad in range(3):
         (tmp_path / f"c{pad}.txt").write_bytes(base64.b64encode(b"x" * pad + TOKEN.encode() + b"tail"))
     assert len(files_holding([tmp_path], [TOKEN])) == 5
+
+
+# ---- a database password in the study's storage URL -------------------------------------------------------------
+DB_URL = "postgresql://optuna:DBs3cret@db.example:5432/studies"
+
+
+def test_storage_password_is_hidden_from_files_and_passed_to_trials_by_environment(monkeypatch, tmp_path):
+    import optuna
+
+    from sweeper.components import STORAGE_ENV, SweeperConfigError, hide_password, storage_for_trials, storage_from_file
+    from sweeper.pruning import OptunaPruningCallback
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    shown = hide_password(DB_URL)
+    assert "DBs3cret" not in shown and shown.startswith("postgresql://optuna:***@db.example")
+    # trials get no URL in their overrides (which Hydra writes to each trial folder) but the environment
+    assert storage_for_trials(DB_URL) is None and os.environ[STORAGE_ENV] == DB_URL
+    assert storage_from_file(shown) == DB_URL  # status and report read the hidden URL back
+    monkeypatch.delenv(STORAGE_ENV)
+    with pytest.raises(SweeperConfigError) as e:
+        storage_from_file(shown)
+    assert STORAGE_ENV in str(e.value) and "DBs3cret" not in str(e.value)
+    # URLs without a password travel as they are
+    journal = f"journal:///{tmp_path}/study.log"
+    assert storage_for_trials(journal) == journal and STORAGE_ENV not in os.environ
+    # a trial's pruning callback given no URL opens the study named by the environment
+    from sweeper.components import build_storage
+
+    study = optuna.create_study(study_name="s", storage=build_storage(journal))
+    study.ask()
+    monkeypatch.setenv(STORAGE_ENV, journal)
+    cb = OptunaPruningCallback(storage=None, study_name="s", trial_number=0)
+    assert cb.trial.number == 0 and cb.study.study_name == "s"
