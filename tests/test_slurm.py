@@ -109,8 +109,9 @@ def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path,
     driver = start_driver(["-m", "lora.r=8,16", "hydra.sweeper.n_trials=1", "trainer.max_steps=120",
                            "trainer.eval_every=10", *SLURM], tmp_path, cache_dir)
     try:
-        trial = wait_for(lambda: next(t for t in journal_study(tmp_path).trials if t.state == TrialState.RUNNING),
-                         what="a running trial")
+        trial = wait_for(lambda: next(t for t in journal_study(tmp_path).trials  # job_id: set once sbatch answered
+                                      if t.state == TrialState.RUNNING and "job_id" in t.user_attrs),
+                         what="a running trial with its job")
         folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["job_id"]
         wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-30")), what="checkpoint-30")
         submitit.SlurmJob(folder=tmp_path / "outputs" / "multirun" / folder.parent.name / ".submitit",
@@ -160,12 +161,18 @@ def test_cancelling_the_detached_driver_cancels_its_trials(tmp_path, cache_dir):
                          timeout=60, env={**os.environ, "TQDM_DISABLE": "1"})
     assert out.returncode == 0, out.stderr
     driver_id = out.stdout.split()[2].rstrip(":")
-    trial = wait_for(lambda: next((t for t in journal_study(tmp_path).trials if t.state == TrialState.RUNNING), None),
-                     timeout=300, what="a running trial")
-    trial_id = trial.user_attrs["job_id"]
-    wait_for(lambda: sacct_state(trial_id) == "RUNNING", what="the trial job to run")
-    subprocess.run(["scancel", driver_id], check=True)
-    wait_for(lambda: sacct_state(trial_id).startswith("CANCELLED"), timeout=120, what="the trial job's cancel")
-    wait_for(lambda: sacct_state(driver_id) not in ("RUNNING", "PENDING", ""), timeout=120, what="the driver's end")
+    trial_id = None
+    try:
+        trial = wait_for(lambda: next((t for t in journal_study(tmp_path).trials  # job_id: set once sbatch answered
+                                       if t.state == TrialState.RUNNING and "job_id" in t.user_attrs), None),
+                         timeout=300, what="a running trial with its job")
+        trial_id = trial.user_attrs["job_id"]
+        wait_for(lambda: sacct_state(trial_id) == "RUNNING", what="the trial job to run")
+        subprocess.run(["scancel", driver_id], check=True)
+        wait_for(lambda: sacct_state(trial_id).startswith("CANCELLED"), timeout=120, what="the trial job's cancel")
+        wait_for(lambda: sacct_state(driver_id) not in ("RUNNING", "PENDING", ""), timeout=120, what="the driver's end")
+    finally:  # whatever happened, leave no job behind to hold the one node for the tests after this one
+        subprocess.run(["scancel", driver_id, *([trial_id] if trial_id else [])], capture_output=True)
+        subprocess.run(["scancel", "--name", "qlora-sweep-driver"], capture_output=True)
     t = next(t for t in journal_study(tmp_path).trials if t.number == trial.number)
     assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
