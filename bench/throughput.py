@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ VARIANTS = {
                           "quantization.upcast_frozen=true"],
     # the shipped defaults of trainer=article: packing, fused kernels, split and checkpointing from 24 GiB
     "fast": [],
+    # the same with the number of checkpointed layers fixed at a full micro-batch's (not adaptive)
+    "fast_static": ["trainer.adaptive_checkpointing=false"],
     # the shipped defaults but the frozen weights upcast to fp32 as the article does
     "fast_upcast": ["quantization.upcast_frozen=true"],
     # the same, the split fixed by hand (what the memory plan chooses between)
@@ -58,7 +61,7 @@ VARIANTS = {
                              "trainer.memory_budget_gb=null", "trainer.fused_kernels=false"],
 }
 RECIPE_VARIANTS = {"recipe": [], "recipe_best_24g": ["--packing", "--bs", "8", "--accum", "1", "--liger"]}
-FULL_LENGTH = ("recipe", "runner_as_written", "fast")  # the others run --explore-steps
+FULL_LENGTH = ("recipe", "runner_as_written", "fast", "fast_static")  # the others run --explore-steps
 
 
 def load_recipe(path: Path):
@@ -125,9 +128,20 @@ def trial_run(name: str, steps: int, common: list, a) -> dict:
         return {"status": "failed", "error": m.get("error") or last_error(text)}
     return {"status": "complete", "tokens_per_s": m["steady_tokens_per_s"], "peak_gb": m["peak_memory_gb"],
             "reserved_gb": m.get("peak_memory_reserved_gb"), "split": f"{m['micro_batch_size']} x {m['grad_accum']}",
-            "ckpt": m["gradient_checkpointing"], "packing": m["packing"], "fused": m["fused_kernels"].split(":")[0],
+            "ckpt": checkpointing(m), "packing": m["packing"], "fused": m["fused_kernels"].split(":")[0],
             "steps": m["steps"], "loss_history": m["loss_history"], "memory_plan": m.get("memory_plan"),
             "eval_loss": m["eval_loss"]}
+
+
+def checkpointing(m: dict) -> str:
+    """A trial's checkpointing as the table shows it: off, every layer, N layers, or adaptive (range and mean)."""
+    seen = {int(k): v for k, v in (m.get("adaptive_checkpointing") or {}).items()}
+    if seen:
+        mean = sum(k * v for k, v in seen.items()) / sum(seen.values())
+        return f"adaptive: {min(seen)}-{max(seen)} layers (mean {mean:.1f})"
+    if not m["gradient_checkpointing"]:
+        return "off"
+    return "every layer" if m.get("checkpointed_layers") is None else f"{m['checkpointed_layers']} layers"
 
 
 def main():
@@ -209,7 +223,7 @@ def main():
         gap = curve_gap(r["loss_history"], base.get("loss_history", [])) if name != "recipe" else None
         gib = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {f'{ratio:.2f}' if ratio else '-'} | {gib(r['peak_gb'])} | "
-                     f"{gib(r['reserved_gb'])} | {r['split']} | {'on' if r['ckpt'] else 'off'} | {r['packing']} | "
+                     f"{gib(r['reserved_gb'])} | {r['split']} | {r['ckpt'] if isinstance(r['ckpt'], str) else 'on' if r['ckpt'] else 'off'} | {r['packing']} | "
                      f"{r['fused']} | {f'{gap:.2%}' if gap is not None else '-'} |")
     curves = {n: r.get("loss_history") for n, r in results.items() if r.get("loss_history")}
     lines += ["", "Loss every 5 steps (mean of those steps): " + json.dumps(
@@ -232,16 +246,10 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             return "absent"
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip() if shutil_which("nvidia-smi") else "no GPU"
+                         capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else "no GPU"
     return {"gpu": gpu or "no GPU", "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0],
             **{p.replace("-", "_"): version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "trl",
                                                           "accelerate", "liger-kernel", "datasets")}}
-
-
-def shutil_which(cmd):
-    import shutil
-
-    return shutil.which(cmd)
 
 
 if __name__ == "__main__":
