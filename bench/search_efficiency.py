@@ -78,8 +78,9 @@ def run_sweep(a, out: Path, common: list[str], strategy: str, seed: int) -> list
             f"hydra.sweeper.study_dir={out / 'sweeps'}", f"hydra.sweeper.sampler.seed={seed}", *common]
     if strategy == "random":
         base += ["hydra.sweeper.sampler.name=random", "hydra.sweeper.pruner.name=none", "hydra.sweeper.n_jobs=2"]
-    elif strategy == "tpe_batched":
-        base += ["hydra.sweeper.sampler.name=tpe", "hydra.sweeper.pruner.name=none", "hydra.sweeper.n_jobs=2"]
+    elif strategy == "tpe_batched":  # optuna's TPE as hydra-optuna-sweeper makes it: none of the preset's settings
+        base += ["hydra.sweeper.sampler.name=tpe", "hydra.sweeper.pruner.name=none", "hydra.sweeper.n_jobs=2",
+                 *(f"~hydra.sweeper.sampler.{k}" for k in ("n_startup_trials", "multivariate", "constant_liar"))]
     else:
         base += ["hydra.sweeper.n_jobs=2"]
     targets = range(2, a.trials + 1, 2) if strategy == "tpe_batched" else [a.trials]

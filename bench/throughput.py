@@ -12,7 +12,9 @@ What it does, in order:
      recipe trained on) as pre-tokenized JSON lines, plus 16 held-out rows;
   3. runs qlora_exp's trial runner (`python -m qlora_exp`, one process per variant) on that model folder
      and those rows with the recipe's optimizer, LoRA and schedule, and reads each trial's metrics.json;
-  4. prints and writes (`--out`/throughput.md and .json) a table: real tokens/s (steady state, the first 3
+  4. with --repeat N, runs every variant N times in rounds (recipe, fast, ..., recipe, fast, ...) and reports
+     each one's median run, with the tokens/s of every round;
+  5. prints and writes (`--out`/throughput.md and .json) a table: real tokens/s (steady state, the first 3
      steps left out, as the recipe does), ratio to the recipe, peak allocated and reserved GPU memory, the
      split and kernels each used, and the largest relative gap between its loss curve and the recipe's at
      the steps both logged (every 5 steps: the mean loss of those 5 steps).
@@ -39,8 +41,6 @@ VARIANTS = {
                           "quantization.upcast_frozen=true"],
     # the shipped defaults of trainer=article: packing, fused kernels, split and checkpointing from 24 GiB
     "fast": [],
-    # the same with the number of checkpointed layers fixed at a full micro-batch's (not adaptive)
-    "fast_static": ["trainer.adaptive_checkpointing=false"],
     # the shipped defaults but the frozen weights upcast to fp32 as the article does
     "fast_upcast": ["quantization.upcast_frozen=true"],
     # the same, the split fixed by hand (what the memory plan chooses between)
@@ -61,7 +61,7 @@ VARIANTS = {
                              "trainer.memory_budget_gb=null", "trainer.fused_kernels=false"],
 }
 RECIPE_VARIANTS = {"recipe": [], "recipe_best_24g": ["--packing", "--bs", "8", "--accum", "1", "--liger"]}
-FULL_LENGTH = ("recipe", "runner_as_written", "fast", "fast_static")  # the others run --explore-steps
+FULL_LENGTH = ("recipe", "runner_as_written", "fast")  # the others run --explore-steps
 
 
 def load_recipe(path: Path):
@@ -114,14 +114,22 @@ def write_rows(seed, shape: str, steps: int, data: Path) -> None:
                 fh.write(json.dumps({"input_ids": r["input_ids"]}) + "\n")
 
 
-def trial_run(name: str, steps: int, common: list, a) -> dict:
-    run_dir = a.out / name
+def median_run(rs: list[dict]) -> dict:
+    """The run of median tokens/s among a variant's repeats, with every repeat's tokens/s."""
+    done = sorted((r for r in rs if r["status"] == "complete"), key=lambda r: r["tokens_per_s"])
+    if not done:
+        return rs[-1]
+    return {**done[(len(done) - 1) // 2], "repeats": [r.get("tokens_per_s") for r in rs]}
+
+
+def trial_run(name: str, steps: int, common: list, a, suffix: str = "") -> dict:
+    run_dir = a.out / (name + suffix)
     extra = []
     if name in a.profile.split(","):
         extra = ["+callbacks.profile._target_=bench.profile_steps.ProfileSteps",
                  f"+callbacks.profile.out={a.out / (name + '.profile.txt')}"]
     rc, text = run([sys.executable, "-m", "qlora_exp", *common, f"trainer.max_steps={steps}", *VARIANTS[name],
-                    *extra, f"hydra.run.dir={run_dir}"], a.out / f"{name}.log", a.timeout,
+                    *extra, f"hydra.run.dir={run_dir}"], a.out / f"{name}{suffix}.log", a.timeout,
                    env={"TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     if rc or m.get("status") != "complete":
@@ -134,11 +142,7 @@ def trial_run(name: str, steps: int, common: list, a) -> dict:
 
 
 def checkpointing(m: dict) -> str:
-    """A trial's checkpointing as the table shows it: off, every layer, N layers, or adaptive (range and mean)."""
-    seen = {int(k): v for k, v in (m.get("adaptive_checkpointing") or {}).items()}
-    if seen:
-        mean = sum(k * v for k, v in seen.items()) / sum(seen.values())
-        return f"adaptive: {min(seen)}-{max(seen)} layers (mean {mean:.1f})"
+    """A trial's checkpointing as the table shows it: off, every layer or N layers."""
     if not m["gradient_checkpointing"]:
         return "off"
     return "every layer" if m.get("checkpointed_layers") is None else f"{m['checkpointed_layers']} layers"
@@ -158,6 +162,7 @@ def main():
     ap.add_argument("--recipe-arg", action="append", default=[], help="extra recipe argument (e.g. --optim=adamw_torch)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "throughput")
     ap.add_argument("--timeout", type=int, default=420)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every variant; the table shows each one's median")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     names = [v for v in a.variants.split(",") if v]
@@ -171,9 +176,9 @@ def main():
     print(json.dumps(env_info), flush=True)
     results: dict[str, dict] = {}
 
-    def recipe_run(name, steps):
+    def recipe_run(name, steps, suffix=""):
         rc, text = run([sys.executable, str(a.recipe.resolve()), "--shape", a.shape, "--steps", str(steps),
-                        *RECIPE_VARIANTS[name], *a.recipe_arg], a.out / f"{name}.log", a.timeout)
+                        *RECIPE_VARIANTS[name], *a.recipe_arg], a.out / f"{name}{suffix}.log", a.timeout)
         line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("{\"shape\"")), None)
         if rc or not line:
             return {"status": "failed", "error": last_error(text)}
@@ -193,18 +198,22 @@ def main():
               "trainer.eval_every=100000", "trainer.log_every=5", "trainer.save_adapter=false",
               "optimizer=paged_adamw_32bit", "optimizer.lr=2e-4", "lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
               "lora.target_modules=all_linear", "quantization=nf4", "hydra/sweeper=basic", *a.set]
-    for name in names:
-        steps = a.steps if name in FULL_LENGTH else a.explore_steps
-        if name in RECIPE_VARIANTS:
-            results[name] = recipe_run(name, steps)
-        else:
-            if not (data / "train.jsonl").exists():
-                if not (model_dir / "config.json").exists():
-                    sys.exit(f"error: the recipe did not build {model_dir}: see {a.out}")
-                write_rows(seed, a.shape, a.steps, data)
-            results[name] = trial_run(name, steps, common, a)
-        print(f"  {name}: {json.dumps(results[name])}"[:300], flush=True)
-        (a.out / "throughput.json").write_text(json.dumps({"environment": env_info, "results": results}, indent=1))
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(a.repeat):  # rounds of every variant in turn: drift of the machine hits them all alike
+        for name in names:
+            steps = a.steps if name in FULL_LENGTH else a.explore_steps
+            if name in RECIPE_VARIANTS:
+                r = recipe_run(name, steps, suffix=f"-{round_}" if a.repeat > 1 else "")
+            else:
+                if not (data / "train.jsonl").exists():
+                    if not (model_dir / "config.json").exists():
+                        sys.exit(f"error: the recipe did not build {model_dir}: see {a.out}")
+                    write_rows(seed, a.shape, a.steps, data)
+                r = trial_run(name, steps, common, a, suffix=f"-{round_}" if a.repeat > 1 else "")
+            runs.setdefault(name, []).append(r)
+            results[name] = median_run(runs[name])
+            print(f"  {name} (round {round_ + 1}): {json.dumps(r)}"[:300], flush=True)
+            (a.out / "throughput.json").write_text(json.dumps({"environment": env_info, "results": results}, indent=1))
 
     # 4. the table
     base = results.get("recipe", {})
@@ -213,18 +222,19 @@ def main():
              f"liger-kernel {env_info['liger_kernel']}, {env_info['date']}; shape {a.shape}, {a.steps} steps "
              f"(fast_* variants other than fast: {a.explore_steps})", "",
              "| run | real tokens/s | vs recipe | peak allocated GiB | peak reserved GiB | micro x accum | "
-             "checkpointing | packing | fused kernels | loss curve vs recipe (max rel. gap) |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: |"]
+             "checkpointing | packing | fused kernels | loss curve vs recipe (max rel. gap) | tokens/s of each round |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | --- |"]
     for name, r in results.items():
         if r["status"] != "complete":
-            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | | |")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
         gap = curve_gap(r["loss_history"], base.get("loss_history", [])) if name != "recipe" else None
         gib = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {f'{ratio:.2f}' if ratio else '-'} | {gib(r['peak_gb'])} | "
                      f"{gib(r['reserved_gb'])} | {r['split']} | {r['ckpt'] if isinstance(r['ckpt'], str) else 'on' if r['ckpt'] else 'off'} | {r['packing']} | "
-                     f"{r['fused']} | {f'{gap:.2%}' if gap is not None else '-'} |")
+                     f"{r['fused']} | {f'{gap:.2%}' if gap is not None else '-'} | "
+                     f"{', '.join(f'{v:.0f}' if v else 'failed' for v in r.get('repeats', [r['tokens_per_s']]))} |")
     curves = {n: r.get("loss_history") for n, r in results.items() if r.get("loss_history")}
     lines += ["", "Loss every 5 steps (mean of those steps): " + json.dumps(
         {n: [[s, round(v, 4)] for s, v in c if s % 5 == 0] for n, c in curves.items()})]

@@ -55,13 +55,10 @@ class Plan:
     estimate_gb: float
     budget_gb: float
     note: str
-    adaptive: bool = False            # recompute only what each micro-batch's size needs (AdaptiveCheckpointing)
 
 
-def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False,
-                tokens: int | None = None) -> float:
-    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing (module docstring), for a
-    micro-batch of `micro_batch_size` rows of max_length or, given, of `tokens` tokens."""
+def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False) -> float:
+    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing (module docstring)."""
     from qlora_exp.validate import resolve_target_modules
 
     shape = cfg.model.shape
@@ -76,7 +73,7 @@ def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused
     fixed = layers * sum(a * b for a, b in params.values()) * WEIGHT_BYTES.get(method, 2.0)
     fixed += shape.vocab_size * h * (1 if tied else 2) * frozen_bytes + layers * 2 * h * frozen_bytes
     fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in resolve_target_modules(cfg)) * 16
-    t = tokens if tokens is not None else micro_batch_size * cfg.trainer.max_length
+    t = micro_batch_size * cfg.trainer.max_length
     per_layer = h * (ACT_H_UPCAST if upcast else ACT_H) + i * (LIGER_ACT_I if fused else ACT_I)
     act = (layers - checkpointed) * per_layer + checkpointed * frozen_bytes * h + (per_layer if checkpointed else 0)
     return (fixed + t * (act + HEAD_PER_TOKEN)) * SAFETY / 2**30
@@ -117,51 +114,12 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False) -> Plan | None:
                           f"{tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
     tokens = per_step * tr.max_length
     m, n = min(fits, key=lambda mn: (step_cost(tokens, mn[0] * tr.max_length, mn[1], layers), -mn[0]))
-    adaptive = ckpt_auto and n > 0 and bool(tr.get("adaptive_checkpointing", False))
-    return _plan(cfg, m, n, per_step, layers, fused, budget, f"{budget:g} GiB", adaptive)
+    return _plan(cfg, m, n, per_step, layers, fused, budget, f"{budget:g} GiB")
 
 
-def _plan(cfg, m, n, per_step, layers, fused, budget, why, adaptive=False) -> Plan:
+def _plan(cfg, m, n, per_step, layers, fused, budget, why) -> Plan:
     est = estimate_gb(cfg, m, n, fused)
     ckpt = "off" if n == 0 else "every layer" if n == layers else f"{n} of {layers} layers"
-    if adaptive:
-        ckpt += " for a full micro-batch, fewer for smaller ones (adaptive)"
     return Plan(m, per_step // m, n > 0, None if n in (0, layers) else n, est, budget,
                 f"memory plan for {why}: micro-batch {m} x {per_step // m} accumulation, checkpointing {ckpt} "
-                f"(estimated peak {est:.1f} GiB)", adaptive)
-
-
-def layers_to_recompute(cfg: DictConfig, tokens: int, budget_gb: float, fused: bool, most: int) -> int:
-    """The fewest decoder layers (the first ones) that must recompute for a micro-batch of `tokens` tokens to fit
-    `budget_gb`; `most` (the plan's number for a full micro-batch) at most."""
-    return next((n for n in range(most + 1) if estimate_gb(cfg, 0, n, fused, tokens=tokens) <= budget_gb), most)
-
-
-class AdaptiveCheckpointing:
-    """A forward pre-hook on the model: before each training forward, the first `depth(tokens)` decoder layers
-    recompute their activations in backward and the others keep them, `tokens` being the micro-batch's size
-    (rows x width of its packed input_ids). A packed micro-batch of examples of varied lengths is mostly far
-    below the full `micro-batch x max_length` the plan must fit, and each layer not recomputed saves about a
-    third of its forward time. `seen` counts micro-steps by layers recomputed.
-
-        hook = AdaptiveCheckpointing(decoder_layers, lambda t: layers_to_recompute(cfg, t, budget, fused, n))
-        model.register_forward_pre_hook(hook, with_kwargs=True)
-    """
-
-    def __init__(self, layers, depth):
-        from collections import Counter
-        from functools import lru_cache
-
-        self.layers, self.depth, self.seen = list(layers), lru_cache(maxsize=None)(depth), Counter()
-
-    def __call__(self, module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            ids = args[0] if args else kwargs.get("inputs_embeds")
-        if not module.training or ids is None:
-            return None
-        n = self.depth(int(ids.shape[0] * ids.shape[1]))
-        for i, layer in enumerate(self.layers):
-            layer.gradient_checkpointing = i < n
-        self.seen[n] += 1
-        return None
+                f"(estimated peak {est:.1f} GiB)")

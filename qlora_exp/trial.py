@@ -16,7 +16,6 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +24,7 @@ from qlora_exp.builders import build_lora_config, build_quantization_config, bui
 from qlora_exp.data import load_rows
 from qlora_exp.device import probe_device
 from qlora_exp.kernels import apply_fused_kernels, resolve_fused_kernels
-from qlora_exp.memory import AdaptiveCheckpointing, layers_to_recompute, plan_memory
+from qlora_exp.memory import plan_memory
 from qlora_exp.packing import PackedBatchCollator, layout_for
 from qlora_exp.validate import check_config, optimizer_for_device, resolve_target_modules
 
@@ -57,7 +56,6 @@ class TrialResult:
     grad_accum: int | None = None
     gradient_checkpointing: bool | None = None
     checkpointed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
-    adaptive_checkpointing: dict | None = None  # adaptive plan: {layers recomputed: micro-steps}, for a full one above
     packing: str | None = None            # off | rows | flat (qlora_exp.packing)
     fused_kernels: str | None = None      # which, or off and why (qlora_exp.kernels)
     memory_plan: str | None = None        # the plan's one line, when trainer.memory_budget_gb chose the split
@@ -92,10 +90,6 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
     plan = plan_memory(cfg, device, fused)
     train_rows, eval_rows = load_rows(cfg.data, cfg.trainer.seed)
-    adaptive = None
-    if plan is not None and plan.adaptive:  # after the checks: what each micro-batch's size needs recomputed
-        most = plan.checkpointed_layers if plan.checkpointed_layers is not None else cfg.model.shape.num_hidden_layers
-        adaptive = partial(layers_to_recompute, cfg, budget_gb=plan.budget_gb, fused=fused, most=most)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
              len(eval_rows), precision, device.name, optim)
@@ -117,8 +111,7 @@ def run_trial(cfg: DictConfig) -> TrialResult:
 
     board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"))
     try:
-        _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board,
-               adaptive)
+        _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board)
     except BaseException as e:
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
         board.interrupted = not isinstance(e, Exception)  # Ctrl-C, a kill, a requeue: not a finished trial
@@ -133,8 +126,7 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     return result
 
 
-def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board,
-           adaptive=None):
+def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board):
     import torch
     from datasets import Dataset
     from hydra.utils import instantiate
@@ -171,18 +163,15 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     elif ckpt:  # what prepare_model_for_kbit_training does, less the fp32 upcast
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    per_layer = ckpt and (result.checkpointed_layers is not None or adaptive is not None)
-    hook = None
-    if per_layer:  # recompute only the first N decoder layers (N fixed, or per micro-batch); the rest keep theirs
+    partial = ckpt and result.checkpointed_layers is not None
+    if partial:  # recompute only the first N decoder layers; the rest keep their activations
         from transformers.modeling_layers import GradientCheckpointingLayer
 
+        if quant is None or cfg.quantization.upcast_frozen:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
-        for layer in layers[result.checkpointed_layers or len(layers):]:
+        for layer in layers[result.checkpointed_layers:]:
             layer.gradient_checkpointing = False
-        if adaptive is not None:
-            hook = AdaptiveCheckpointing(layers, adaptive)
-            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-            decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
     # ---- LoRA -------------------------------------------------------------------------------
     set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
@@ -195,7 +184,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     args = build_sft_config(cfg, str(out / "checkpoints"), optim, precision, use_cpu=not device.cuda,
                             micro_batch_size=result.micro_batch_size, grad_accum=result.grad_accum,
-                            checkpointing=ckpt and not per_layer)  # per layer: enabled above
+                            checkpointing=ckpt and not partial)  # partial: enabled above, per layer
     collator = None
     if result.packing != "off":
         collator = PackedBatchCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.trainer.max_length,
@@ -218,8 +207,6 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
             trainer.evaluate()
     finally:
         tb.close()
-        if hook is not None:
-            result.adaptive_checkpointing = dict(sorted(hook.seen.items()))
 
     # ---- results ----------------------------------------------------------------------------
     if cfg.trainer.save_adapter:

@@ -42,11 +42,21 @@ def _kwargs(spec: dict | None, key: str, table: dict) -> tuple[str, dict]:
     return name, spec
 
 
+def _own_kwargs(kwargs: dict, cls, table: dict) -> dict:
+    """`kwargs` less the settings that only other classes of `table` take."""
+    own = set(inspect.signature(cls).parameters)
+    known = {p for other in table.values() for p in inspect.signature(other).parameters}
+    return {k: v for k, v in kwargs.items() if k in own or k not in known}
+
+
 def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objective: bool):
-    """`auto`: a grid when every parameter is discrete, NSGA-II for several objectives, else TPE."""
+    """`auto`: a grid when every parameter is discrete, NSGA-II for several objectives, else TPE. Like the pruner
+    block, settings of another known sampler are dropped (`sampler.name=random` with search=rank_alpha_lr's TPE
+    settings still in the block); a setting no sampler knows is an error."""
     name, kwargs = _kwargs(spec, "sampler", SAMPLERS)
     if name == "auto":
         name = "grid" if grid is not None else ("nsgaii" if multi_objective else "tpe")
+    kwargs = _own_kwargs(kwargs, SAMPLERS[name], SAMPLERS)
     if name == "grid":
         if grid is None:
             raise SweeperConfigError("sampler.name", "grid", "tpe, random, ... : a grid needs every parameter "
@@ -62,11 +72,7 @@ def build_pruner(spec: dict | None):
     """`{name: hyperband}` works with the median defaults still in the block: settings that belong to
     another known pruner are dropped; a setting no pruner knows is an error."""
     name, kwargs = _kwargs(spec, "pruner", PRUNERS)
-    own = set(inspect.signature(PRUNERS[name]).parameters)
-    known = {p for cls in PRUNERS.values() for p in inspect.signature(cls).parameters}
-    for key in list(kwargs):
-        if key not in own and key in known:
-            kwargs.pop(key)
+    kwargs = _own_kwargs(kwargs, PRUNERS[name], PRUNERS)
     try:
         return PRUNERS[name](**kwargs)
     except (TypeError, ValueError) as e:

@@ -17,7 +17,7 @@ def test_throughput_bench_runs_the_recipe_and_the_runner_on_the_same_rows(tmp_pa
     out = tmp_path / "tp"
     proc = subprocess.run([sys.executable, "bench/throughput.py", "--recipe", str(RECIPE), "--shape", "tiny",
                            "--model", "tiny", "--steps", "10", "--variants", "recipe,fast",
-                           "--recipe-arg=--optim=adamw_torch", "--set", "trainer.precision=fp32",
+                           "--recipe-arg=--optim=adamw_torch", "--repeat", "2", "--set", "trainer.precision=fp32",
                            "--set", f"paths.cache_dir={tmp_path / 'cache'}", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "TQDM_DISABLE": "1"})
@@ -26,6 +26,8 @@ def test_throughput_bench_runs_the_recipe_and_the_runner_on_the_same_rows(tmp_pa
     recipe, fast = results["recipe"], results["fast"]
     assert recipe["status"] == fast["status"] == "complete"
     assert recipe["tokens_per_s"] > 0 and fast["tokens_per_s"] > 0
+    assert len(fast["repeats"]) == len(recipe["repeats"]) == 2 and fast["tokens_per_s"] in fast["repeats"]
+    assert (out / "fast-0" / "metrics.json").exists() and (out / "fast-1" / "metrics.json").exists()
     assert fast["packing"] == "rows" and fast["split"] == "8 x 1"
     # same rows, same order, same examples per step: the loss curves agree (the recipe prints 4 digits)
     rec, ours = dict((int(s), v) for s, v in recipe["loss_history"]), dict((int(s), v) for s, v in fast["loss_history"])

@@ -4,7 +4,7 @@ import pytest
 from qlora_exp.device import DeviceInfo
 from qlora_exp.errors import ConfigError
 from qlora_exp.kernels import resolve_fused_kernels
-from qlora_exp.memory import AdaptiveCheckpointing, estimate_gb, layers_to_recompute, plan_memory
+from qlora_exp.memory import estimate_gb, plan_memory
 from qlora_exp.validate import check_config
 
 CPU = DeviceInfo(cuda=False, bf16=False, n_gpus=0, name="cpu")
@@ -87,77 +87,3 @@ def test_bad_fast_path_values_are_refused(make_cfg, override, key):
     with pytest.raises(ConfigError) as e:
         check_config(make_cfg(override), CPU)
     assert str(e.value).startswith(key + "=")
-
-
-def test_adaptive_plan_recomputes_only_what_each_micro_batch_needs(make_cfg):
-    cfg = make_cfg(*ARTICLE_8B)
-    plan = plan_memory(cfg, H200, fused=True)
-    assert plan.adaptive and "adaptive" in plan.note
-    full = plan.checkpointed_layers
-    depth = [layers_to_recompute(cfg, t, plan.budget_gb, True, full) for t in range(512, 8193, 512)]
-    assert depth == sorted(depth) and depth[-1] == full and depth[0] < full  # fewer for smaller micro-batches
-    for t, n in zip(range(512, 8193, 512), depth, strict=True):
-        assert estimate_gb(cfg, 0, n, True, tokens=t) <= plan.budget_gb  # every micro-batch fits the budget
-        assert n == 0 or estimate_gb(cfg, 0, n - 1, True, tokens=t) > plan.budget_gb  # and no more is recomputed
-    assert not plan_memory(make_cfg(*ARTICLE_8B, "trainer.adaptive_checkpointing=false"), H200, fused=True).adaptive
-    with pytest.raises(ConfigError, match="trainer.adaptive_checkpointing"):
-        check_config(make_cfg("trainer.adaptive_checkpointing=sometimes"), CPU)
-
-
-def test_adaptive_hook_switches_checkpointing_per_forward():
-    """Before each training forward the hook sets how many of the first layers run under checkpointing."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, use_cache=False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    layers = list(model.model.layers)
-    hook = AdaptiveCheckpointing(layers, lambda tokens: 1 if tokens <= 16 else 3)
-    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
-    calls = [0] * len(layers)  # forwards each layer ran under checkpointing (recomputed in backward)
-    for i, layer in enumerate(layers):
-        def counted(fn, *args, i=i, inner=layer._gradient_checkpointing_func, **kwargs):
-            calls[i] += 1
-            return inner(fn, *args, **kwargs)
-        layer._gradient_checkpointing_func = counted
-
-    for shape, expected in (((2, 8), [1, 0, 0]), ((2, 20), [1, 1, 1])):
-        calls[:] = [0] * len(layers)
-        ids = torch.randint(0, 64, shape)
-        model(input_ids=ids, labels=ids).loss.backward()
-        assert calls == expected, (shape, calls)
-    assert hook.seen == {1: 1, 3: 1}
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 64, (1, 4)))
-    assert sum(hook.seen.values()) == 2  # evaluation forwards are not counted and change nothing
-
-
-def test_a_trial_with_an_adaptive_plan_records_the_layers_each_micro_step_recomputed(make_cfg, monkeypatch):
-    """The trial wiring on CPU: an adaptive plan (forced, as a GPU's would be) switches checkpointing per micro-batch
-    from its packed size, and metrics.json counts the micro-steps by layers recomputed."""
-    import json
-    from pathlib import Path
-
-    import qlora_exp.trial as trial
-    from qlora_exp.memory import Plan
-
-    cfg = make_cfg("trainer.max_steps=6", "trainer.eval_every=6", "trainer.batch_size=4", "trainer.save_adapter=false",
-                   "trainer.gradient_checkpointing=auto")
-    layers = cfg.model.shape.num_hidden_layers
-    plan = Plan(4, 1, True, None, 1.0, 1.0, "memory plan (test): adaptive", adaptive=True)
-    monkeypatch.setattr(trial, "plan_memory", lambda *a, **k: plan)
-    sizes = []
-
-    def depth(cfg, tokens, budget_gb, fused, most):  # stands in for layers_to_recompute: by the batch's size
-        sizes.append(tokens)
-        return most if tokens > 200 else 1
-    monkeypatch.setattr(trial, "layers_to_recompute", depth)
-    result = trial.run_trial(cfg)
-    seen = {int(k): v for k, v in json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())[
-        "adaptive_checkpointing"].items()}
-    assert result.status == "complete" and sum(seen.values()) == 6  # one micro-step per step, each counted
-    assert set(seen) == {1 if t <= 200 else layers for t in set(sizes)} and len(set(sizes)) > 1

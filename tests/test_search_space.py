@@ -272,3 +272,18 @@ def test_validation_error_is_one_line(params: Any, overrides: list[str], key: st
     assert value in message
     assert accepted in message.partition("; accepted: ")[2]
     assert isinstance(info.value, ValueError)
+
+
+def test_sampler_block_keeps_its_own_settings_and_drops_another_samplers():
+    """search=rank_alpha_lr's TPE settings stay in the block when a user picks another sampler."""
+    from sweeper.components import SweeperConfigError, build_pruner, build_sampler
+
+    tpe_block = {"seed": 3, "n_startup_trials": 5, "multivariate": True, "constant_liar": True}
+    name, tpe = build_sampler({"name": "tpe", **tpe_block}, None, False)
+    assert name == "tpe" and tpe._n_startup_trials == 5 and tpe._multivariate and tpe._constant_liar
+    name, rnd = build_sampler({"name": "random", **tpe_block}, None, False)
+    assert name == "random" and isinstance(rnd, optuna.samplers.RandomSampler)
+    with pytest.raises(SweeperConfigError, match="sampler"):
+        build_sampler({"name": "tpe", "n_startup_trails": 5}, None, False)  # a typo is no sampler's setting
+    pruner = build_pruner({"name": "hyperband", "n_startup_trials": 3, "n_warmup_steps": 20})
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
