@@ -122,6 +122,12 @@ def median_run(rs: list[dict]) -> dict:
     return {**done[(len(done) - 1) // 2], "repeats": [r.get("tokens_per_s") for r in rs]}
 
 
+def round_ratios(r: dict, base: dict) -> str:
+    """Tokens/s over the recipe's of the same round (the same machine state), round by round."""
+    ours, theirs = r.get("repeats", [r.get("tokens_per_s")]), base.get("repeats", [base.get("tokens_per_s")])
+    return ", ".join(f"{a / b:.2f}" if a and b else "-" for a, b in zip(ours, theirs, strict=False))
+
+
 def trial_run(name: str, steps: int, common: list, a, suffix: str = "") -> dict:
     run_dir = a.out / (name + suffix)
     extra = []
@@ -222,11 +228,12 @@ def main():
              f"liger-kernel {env_info['liger_kernel']}, {env_info['date']}; shape {a.shape}, {a.steps} steps "
              f"(fast_* variants other than fast: {a.explore_steps})", "",
              "| run | real tokens/s | vs recipe | peak allocated GiB | peak reserved GiB | micro x accum | "
-             "checkpointing | packing | fused kernels | loss curve vs recipe (max rel. gap) | tokens/s of each round |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | --- |"]
+             "checkpointing | packing | fused kernels | loss curve vs recipe (max rel. gap) | tokens/s of each round | "
+             "vs recipe, each round |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | --- | --- |"]
     for name, r in results.items():
         if r["status"] != "complete":
-            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | | | |")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
         gap = curve_gap(r["loss_history"], base.get("loss_history", [])) if name != "recipe" else None
@@ -234,7 +241,8 @@ def main():
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {f'{ratio:.2f}' if ratio else '-'} | {gib(r['peak_gb'])} | "
                      f"{gib(r['reserved_gb'])} | {r['split']} | {r['ckpt'] if isinstance(r['ckpt'], str) else 'on' if r['ckpt'] else 'off'} | {r['packing']} | "
                      f"{r['fused']} | {f'{gap:.2%}' if gap is not None else '-'} | "
-                     f"{', '.join(f'{v:.0f}' if v else 'failed' for v in r.get('repeats', [r['tokens_per_s']]))} |")
+                     f"{', '.join(f'{v:.0f}' if v else 'failed' for v in r.get('repeats', [r['tokens_per_s']]))} | "
+                     f"{round_ratios(r, base)} |")
     curves = {n: r.get("loss_history") for n, r in results.items() if r.get("loss_history")}
     lines += ["", "Loss every 5 steps (mean of those steps): " + json.dumps(
         {n: [[s, round(v, 4)] for s, v in c if s % 5 == 0] for n, c in curves.items()})]

@@ -34,3 +34,5 @@ def test_throughput_bench_runs_the_recipe_and_the_runner_on_the_same_rows(tmp_pa
     assert set(rec) == {5, 10} and all(abs(ours[s] - rec[s]) / rec[s] < 1e-3 for s in rec)
     table = (out / "throughput.md").read_text()
     assert "| recipe |" in table and "| fast |" in table
+    ratios = [f"{a / b:.2f}" for a, b in zip(fast["repeats"], recipe["repeats"], strict=True)]
+    assert f"| {', '.join(ratios)} |" in table  # the ratio of each round, fast over the recipe of the same round
