@@ -22,7 +22,7 @@ sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
 test: ## The whole test suite (the README's test command)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 test-fast: ## Tests without the slow end-to-end trials
 	$(PYTHON) -m pytest -q -m "not slow and not slurm"

@@ -85,7 +85,8 @@ def run_sweep(a, out: Path, common: list[str], strategy: str, seed: int) -> list
         base += ["hydra.sweeper.n_jobs=2"]
     targets = range(2, a.trials + 1, 2) if strategy == "tpe_batched" else [a.trials]
     for n in targets:  # tpe_batched: each call runs 2 trials and waits for both; the next resumes the study
-        cli([*base, f"hydra.sweeper.n_trials={n}"], out, out / f"{name}.log", a.timeout * a.trials)
+        if finished(name, storage) < n and not a.report_only:  # a rerun reuses what is already measured
+            cli([*base, f"hydra.sweeper.n_trials={n}"], out, out / f"{name}.log", a.timeout * a.trials)
     study = optuna.load_study(study_name=name, storage=storage)
     records = []
     for t in study.trials:
@@ -98,6 +99,17 @@ def run_sweep(a, out: Path, common: list[str], strategy: str, seed: int) -> list
         rec["value"] = t.value if t.state.name == "COMPLETE" else None
         records.append(rec)
     return records
+
+
+def finished(name: str, storage: str) -> int:
+    """Trials of study `name` that ended (0 when there is no such study yet)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return 0
+    return sum(t.state.is_finished() for t in study.trials)
 
 
 def space(a) -> dict:
@@ -139,6 +151,7 @@ def main():
     ap.add_argument("--alphas", default="8,16,32,64")
     ap.add_argument("--set", action="append", default=[], help="a trainer override for every trial")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per trial")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: the table of the studies already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 ranks, 1 alpha, 2 lrs, 4 trials, 1 seed, 10 steps")
     a = ap.parse_args()
     if a.smoke:
@@ -155,7 +168,8 @@ def main():
     runs = {"grid": [measure(grid, grid_best, grid_steps, 1)]}
     for strategy in [s for s in a.strategies.split(",") if s != "grid"]:
         runs[strategy] = [measure(run_sweep(a, a.out, common, strategy, seed), grid_best, grid_steps, 2)
-                          for seed in range(a.seeds)]
+                          for seed in range(a.seeds)
+                          if not a.report_only or finished(f"{strategy}-s{seed}", f"sqlite:///{a.out}/studies.db")]
         print(f"{strategy}: {[r['steps_to_target'] for r in runs[strategy]]}", flush=True)
 
     rows = ["| strategy | runs | steps to within 1 % of the grid's best (median) | fraction of the grid's steps | "

@@ -200,3 +200,32 @@ def storage_for_trials(url: str) -> str | None:
         return url
     os.environ[STORAGE_ENV] = url
     return None
+
+
+def range_edges(trial, within: float = 0.02) -> dict[str, str]:
+    """The parameters of `trial` (the best one) that sit at an end of their range: within `within` of the range
+    (on the log scale for log ranges), or the smallest/largest of three or more numeric choices. The optimum may lie
+    past that end; a wider range is worth a try."""
+    import math
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    edges = {}
+    for name, dist in trial.distributions.items():
+        value = trial.params[name]
+        if isinstance(dist, (FloatDistribution, IntDistribution)):
+            f = math.log if dist.log else float
+            span = f(dist.high) - f(dist.low)
+            where = (f(value) - f(dist.low)) / span if span else 0.5
+            lo_hi = (f"{dist.low:g}", f"{dist.high:g}")
+        elif isinstance(dist, CategoricalDistribution) and len(dist.choices) >= 3 and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in dist.choices):
+            ordered = sorted(dist.choices)
+            where = 0.0 if value == ordered[0] else 1.0 if value == ordered[-1] else 0.5
+            lo_hi = (f"{ordered[0]:g}", f"{ordered[-1]:g}")
+        else:
+            continue
+        if where <= within or where >= 1 - within:
+            end = "bottom" if where <= within else "top"
+            edges[name] = f"{value:g} is at the {end} of {lo_hi[0]}..{lo_hi[1]}: the best value may lie past it"
+    return edges

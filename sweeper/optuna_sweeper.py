@@ -31,6 +31,7 @@ from sweeper.components import (
     build_sampler,
     build_storage,
     hide_password,
+    range_edges,
     storage_error,
     storage_for_trials,
 )
@@ -310,6 +311,10 @@ class OptunaSweeperImpl:
                 b = study.best_trial
                 results["best"] = {**describe(b), "value": b.value}
                 best_line = f"{b.value:.4f} (trial {b.number})"
+                edges = range_edges(b)
+                if edges:  # e.g. the best lr at the top of its range: the optimum may be outside what was searched
+                    results["best"]["at_range_edge"] = edges
+                    best_line += f"; at the edge of its range: {', '.join(f'{k}={b.params[k]:g}' for k in edges)}"
             else:
                 results["pareto_front"] = [describe(t) for t in study.best_trials]
                 best_line = f"{len(study.best_trials)} on the Pareto front"

@@ -287,3 +287,23 @@ def test_sampler_block_keeps_its_own_settings_and_drops_another_samplers():
         build_sampler({"name": "tpe", "n_startup_trails": 5}, None, False)  # a typo is no sampler's setting
     pruner = build_pruner({"name": "hyperband", "n_startup_trials": 3, "n_warmup_steps": 20})
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+
+
+def test_range_edges_names_the_best_params_at_an_end_of_their_range():
+    from sweeper.components import range_edges
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.enqueue_trial({"lora.alpha": 64, "optimizer.lr": 2.95e-3, "lora.r": 16, "kind": "a"})
+    study.enqueue_trial({"lora.alpha": 16, "optimizer.lr": 3e-4, "lora.r": 8, "kind": "a"})
+
+    def objective(t):
+        t.suggest_categorical("lora.alpha", [8, 16, 32, 64])
+        t.suggest_float("optimizer.lr", 1e-5, 3e-3, log=True)
+        t.suggest_int("lora.r", 8, 64, log=True)
+        t.suggest_categorical("kind", ["a", "b", "c"])  # not numeric: no order, no edge
+        return 0.0
+    study.optimize(objective, n_trials=2)
+    edges = range_edges(study.trials[0])
+    assert set(edges) == {"lora.alpha", "optimizer.lr"} and "top of 1e-05..0.003" in edges["optimizer.lr"]
+    assert set(range_edges(study.trials[1])) == {"lora.r"} and "bottom" in range_edges(study.trials[1])["lora.r"]
