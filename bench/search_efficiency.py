@@ -151,6 +151,8 @@ def main():
     ap.add_argument("--alphas", default="8,16,32,64")
     ap.add_argument("--set", action="append", default=[], help="a trainer override for every trial")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per trial")
+    ap.add_argument("--only-seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="comma list: run (or resume with a larger --trials) only these seeds")
     ap.add_argument("--report-only", action="store_true", help="run nothing: the table of the studies already in --out")
     ap.add_argument("--smoke", action="store_true", help="2 ranks, 1 alpha, 2 lrs, 4 trials, 1 seed, 10 steps")
     a = ap.parse_args()
@@ -168,25 +170,32 @@ def main():
     runs = {"grid": [measure(grid, grid_best, grid_steps, 1)]}
     for strategy in [s for s in a.strategies.split(",") if s != "grid"]:
         runs[strategy] = [measure(run_sweep(a, a.out, common, strategy, seed), grid_best, grid_steps, 2)
-                          for seed in range(a.seeds)
+                          for seed in range(a.seeds) if seed in (a.only_seeds or range(a.seeds))
                           if not a.report_only or finished(f"{strategy}-s{seed}", f"sqlite:///{a.out}/studies.db")]
         print(f"{strategy}: {[r['steps_to_target'] for r in runs[strategy]]}", flush=True)
 
-    rows = ["| strategy | runs | steps to within 1 % of the grid's best (median) | fraction of the grid's steps | "
-            "wall to target s (median) | best at 25 % / 50 % of grid steps (median) | idle slot-time s (median) |",
-            "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    rows = ["| strategy | runs that got there | steps to within 1 % of the grid's best (median) | fraction of the "
+            "grid's steps | wall to target s (median) | best at 25 % / 50 % of grid steps (median) | idle slot-time s "
+            "(median) | steps to target, each run |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     summary = {}
     for strategy, rs in runs.items():
         reached = [r["steps_to_target"] for r in rs if r["steps_to_target"] is not None]
-        med = statistics.median(reached) if len(reached) == len(rs) else None  # a run that never got there: none
+        # median over runs, a run that never got there counting as the worst (infinite)
+        med = statistics.median([r["steps_to_target"] if r["steps_to_target"] is not None else math.inf for r in rs])
+        med = None if med == math.inf else med
         b25 = [r["best_at_grid_fraction"]["25%"] for r in rs if r["best_at_grid_fraction"]["25%"] is not None]
         b50 = [r["best_at_grid_fraction"]["50%"] for r in rs if r["best_at_grid_fraction"]["50%"] is not None]
-        walls = [r["wall_to_target_s"] for r in rs if r["wall_to_target_s"] is not None]
-        summary[strategy] = {"median_steps_to_target": med, "fraction_of_grid": med / grid_steps if med else None}
+        walls = [r["wall_to_target_s"] if r["wall_to_target_s"] is not None else math.inf for r in rs]
+        wall = statistics.median(walls) if rs else math.inf
+        summary[strategy] = {"median_steps_to_target": med, "fraction_of_grid": med / grid_steps if med else None,
+                             "reached": f"{len(reached)}/{len(rs)}"}
         fmt = lambda v: f"{statistics.median(v):.4f}" if v else "-"  # noqa: E731
-        rows.append(f"| {strategy} | {len(rs)} | {med if med is not None else f'not reached in {len(rs) - len(reached)}'} | "
-                    f"{f'{med / grid_steps:.2f}' if med else '-'} | {statistics.median(walls) if walls else '-'} | "
-                    f"{fmt(b25)} / {fmt(b50)} | {statistics.median(r['idle_slot_s'] for r in rs)} |")
+        each = ", ".join(str(r["steps_to_target"]) if r["steps_to_target"] is not None else
+                         f"not in {r['trials']} trials ({r['steps_total']} steps)" for r in rs)
+        rows.append(f"| {strategy} | {len(reached)}/{len(rs)} | {med if med is not None else 'not reached'} | "
+                    f"{f'{med / grid_steps:.2f}' if med else '-'} | {round(wall) if wall != math.inf else '-'} | "
+                    f"{fmt(b25)} / {fmt(b50)} | {statistics.median(r['idle_slot_s'] for r in rs):.0f} | {each} |")
     head = (f"grid: {len(grid)} trials, {grid_steps} steps, best eval loss {grid_best:.4f}; trainer overrides: "
             f"{' '.join(common)}; {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {time.time() - started:.0f} s")
     table = head + "\n\n" + "\n".join(rows)
