@@ -64,7 +64,7 @@ def test_killed_trial_process_is_fail_and_the_sweep_goes_on(tmp_path, cache_dir)
             try:
                 (name,) = optuna.get_all_study_names(storage)
                 trials = optuna.load_study(study_name=name, storage=storage).trials
-            except (ValueError, sqlalchemy.exc.OperationalError):  # being created by the driver
+            except (ValueError, sqlalchemy.exc.SQLAlchemyError):  # being created by the driver (schema, version row)
                 continue
             running = [t for t in trials if t.state == TrialState.RUNNING and t.number == 0]
             tb = tmp_path / "outputs" / "tensorboard" / name

@@ -64,7 +64,8 @@ def sacct_state(job_id: str) -> str:
 
 
 def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
-    args = ["-m", "lora.r=4,8,16,32,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0", *SLURM, *FAST]
+    args = ["-m", "lora.r=4,8,16,32,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
+            "hydra.sweeper.pruner.name=none", *SLURM, *FAST]  # every trial to its end: jobs COMPLETED, not pruned
     proc = run_cli(args, tmp_path, cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study = journal_study(tmp_path)
