@@ -21,11 +21,12 @@ grid: ## A grid sweep over ranks: three trials
 sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets)
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
-test: ## The whole test suite (the README's test command)
-	$(PYTHON) -m pytest -q --durations=15
+test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest
+	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m slow --durations=15
 
-test-fast: ## Tests without the slow end-to-end trials
-	$(PYTHON) -m pytest -q -m "not slow and not slurm"
+test-fast: ## Tests that start no trial and no driver (under a minute)
+	$(PYTHON) -m pytest -q -m "not slow"
 
 lint: ## ruff on the code
 	$(PYTHON) -m ruff check qlora_exp sweeper hydra_plugins tests scripts bench

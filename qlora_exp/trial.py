@@ -57,12 +57,16 @@ class TrialResult:
     gradient_checkpointing: bool | None = None
     checkpointed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
     packing: str | None = None            # off | rows | flat (qlora_exp.packing)
+    train_rows: int | None = None         # sequences the model was fed in training (packed rows hold several examples)
+    train_positions: int | None = None    # token positions it computed in training, padding included
+    quantized: dict | None = None         # what the loaded base really holds: bitsandbytes layers, quant type, nesting
     fused_kernels: str | None = None      # which, or off and why (qlora_exp.kernels)
     memory_plan: str | None = None        # the plan's one line, when trainer.memory_budget_gb chose the split
     eval_history: list = field(default_factory=list)   # [[step, eval_loss], ...]
     loss_history: list = field(default_factory=list)   # [[step, train loss], ...] every trainer.log_every steps
     resumed_from_step: int | None = None  # set when the trial resumed from a checkpoint (after preemption)
     cuda_visible_devices: str | None = None  # the GPUs this trial's process was given
+    cpu_threads: int | None = None        # torch's intra-op threads (OMP_NUM_THREADS; a SLURM trial: its cpus_per_task)
     slurm_job_id: str | None = None
     error: str | None = None
 
@@ -138,6 +142,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, torch_dtype
 
     # ---- base model, quantized --------------------------------------------------------------
+    result.cpu_threads = torch.get_num_threads()
     m = cfg.model
     source = str(random_model_dir(m, cfg.paths.cache_dir, Path(cfg.paths.data_dir) / "tiny_instruct" / "train.jsonl")
                  ) if m.random_init else m.name_or_path
@@ -153,6 +158,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     dtype = torch_dtype(m.dtype, device.bf16) if quant is None else compute_dtype
     device_map = {"": torch.cuda.current_device()} if device.cuda else None
     model = load_base_model(source, m, quant, dtype, device_map)
+    result.quantized = quantized_layers(model)
     model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
     if fused:
         apply_fused_kernels(model)
@@ -198,6 +204,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
         processing_class=tokenizer,
         callbacks=[metrics, tb, *extra],
     )
+    fed = _count_training_inputs(trainer.model, result)
     last = _last_checkpoint(out / "checkpoints")
     result.resumed_from_step = int(last.rsplit("-", 1)[-1]) if last else None
     try:
@@ -207,6 +214,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
             trainer.evaluate()
     finally:
         tb.close()
+        fed.remove()
 
     # ---- results ----------------------------------------------------------------------------
     if cfg.trainer.save_adapter:
@@ -230,6 +238,37 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     if device.cuda:
         result.peak_memory_reserved_gb = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     result.objective = getattr(result, cfg.objective)
+
+
+def quantized_layers(model) -> dict | None:
+    """What bitsandbytes put in the loaded model, read from its modules: {"Linear4bit": 28, "quant_type": "nf4",
+    "double_quant": true} (4-bit), {"Linear8bitLt": 28} (int8), or None for an unquantized base."""
+    import bitsandbytes as bnb
+
+    layers = [mod for mod in model.modules() if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    if not layers:
+        return None
+    kinds = sorted({type(mod).__name__ for mod in layers})
+    out: dict = {k: sum(type(mod).__name__ == k for mod in layers) for k in kinds}
+    states = [mod.weight.quant_state for mod in layers if getattr(mod.weight, "quant_state", None) is not None]
+    if states:
+        out["quant_type"] = ",".join(sorted({s.quant_type for s in states}))
+        out["double_quant"] = all(s.nested for s in states)
+        out["quant_state_layers"] = len(states)
+    return out
+
+
+def _count_training_inputs(model, result: TrialResult):
+    """A forward pre-hook counting the rows and token positions fed to the model while it trains (not in eval)."""
+    result.train_rows, result.train_positions = 0, 0
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and ids is not None:
+            result.train_rows += int(ids.shape[0])
+            result.train_positions += int(ids.numel())
+
+    return model.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def _last_checkpoint(folder: Path) -> str | None:

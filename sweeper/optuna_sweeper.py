@@ -35,7 +35,7 @@ from sweeper.components import (
     storage_error,
     storage_for_trials,
 )
-from sweeper.jobs import TrialJob, make_executor
+from sweeper.jobs import TrialJob, job_result, make_executor
 from sweeper.search_space import grid_values, is_grid, parse_search_space
 from sweeper.tensorboard import write_study_run
 
@@ -216,7 +216,7 @@ class OptunaSweeperImpl:
     def _finish(self, study, r: Running) -> None:
         self.trace.events.append(("end", r.trial.number, r.slot, time.time()))
         try:
-            ret = r.job.result()
+            ret = job_result(r.job)
             value = ret.return_value  # re-raises the trial's exception
         except BaseException as e:  # noqa: BLE001  (a trial's failure is data, not the sweep's)
             if isinstance(e, KeyboardInterrupt):
@@ -383,19 +383,26 @@ class OptunaSweeperImpl:
         return folder
 
     def _local_gpus(self) -> list[int]:
+        """GPU ids to spread local slots over: `gpus`, else CUDA_VISIBLE_DEVICES, else every GPU torch sees. On a
+        machine without an NVIDIA driver, none, without importing torch (seconds of the driver's start-up)."""
         if self.gpus is not None:
             return list(self.gpus)
-        import os
-
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+        if not has_nvidia_driver():
+            return []
         try:
             import torch
 
             return list(range(torch.cuda.device_count()))
         except ImportError:
             return []
+
+
+def has_nvidia_driver() -> bool:
+    """An NVIDIA kernel driver is loaded (what CUDA needs before torch can see a GPU)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _tell(study, trial, **kwargs) -> None:

@@ -1,17 +1,32 @@
-"""Shared fixtures: composed configs with every path inside a temp folder, and one real trial."""
+"""Shared fixtures: composed configs with every path inside a temp folder, and the trials and sweeps that
+several test modules assert on, each run once per session (a trial process costs ~8 s of imports).
+
+- `default_trial`: `python -m qlora_exp` on the embedded default (150 steps), with tokens in the environment.
+- `grid_sweep`: `-m lora.r=8,16,0` (two complete, one FAIL), tokens in the environment, then its report.
+- `tb_sweep`: one complete, one pruned and one failed trial, for the TensorBoard server and the report.
+The secrets scan (test_secrets.py) reads every byte the first two wrote.
+"""
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from transformers import TrainerCallback
 
 import qlora_exp  # noqa: F401  (resolvers)
 
-CONF_DIR = str(Path(qlora_exp.__file__).resolve().parent.parent / "conf")
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
+# tokens in the environment of the session's shared trials: no file or output they write may hold them
+TOKEN, HUB_TOKEN = "hf_SECRETabc123", "hf_HUBsecret456"
+TOKENS = {"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": HUB_TOKEN}
 
 
 @pytest.fixture(scope="session")
@@ -55,16 +70,127 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def default_trial(tmp_path_factory, cache_dir) -> Path:
-    """`python -m qlora_exp` on the embedded default, once per session: its run folder."""
-    cwd = tmp_path_factory.mktemp("default_trial")
-    proc = run_cli([], cwd, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((cwd / "outputs" / "runs").iterdir())
-    assert len(runs) == 1
-    return runs[0]
+def wait_for(predicate, timeout: float = 240, what: str = "condition", every: float = 0.25,
+             errors: tuple = (FileNotFoundError, ValueError, KeyError, StopIteration)):
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+        except errors:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def read_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
+
+
+def only_child(folder: Path) -> Path:
+    (child,) = folder.iterdir()
+    return child
+
+
+class FailAtStep(TrainerCallback):
+    """Test only: a trial whose `value` (an interpolated config value, e.g. ${optimizer.lr}) equals `when`
+    raises at optimizer step `step`, mid-training."""
+
+    def __init__(self, value, when, step: int):
+        self.fails = math.isclose(float(value), float(when))
+        self.step = int(step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fails and state.global_step >= self.step:
+            raise RuntimeError(f"test failure at step {state.global_step}")
+
+
+@pytest.fixture(scope="session")
+def default_trial(tmp_path_factory, cache_dir) -> Path:
+    """`python -m qlora_exp` on the embedded default, once per session: its run folder."""
+    cwd = tmp_path_factory.mktemp("default_trial")
+    proc = run_cli([], cwd, cache_dir, env=TOKENS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (cwd / "outputs" / "runs").iterdir()
+    (run / "test-output.txt").write_text(proc.stdout + proc.stderr)  # for the secrets scan
+    return run
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory, cache_dir) -> Path:
+    """`-m lora.r=8,16,0` (r=0 is that trial's FAIL), then the same command again (a resume that runs nothing)
+    and `python -m qlora_exp.report` on it; tokens in every environment. Its working folder, with what the
+    three commands printed in outputs/test-output-*.txt."""
+    cwd = tmp_path_factory.mktemp("grid_sweep")
+    args = ["-m", "lora.r=8,16,0", "hydra.sweeper.max_failure_rate=1.0", *FAST]
+    for name in ("first", "again"):
+        proc = run_cli(args, cwd, cache_dir, env=TOKENS)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (cwd / "outputs" / f"test-output-{name}.txt").write_text(proc.stdout + proc.stderr)
+    sweep = only_child(cwd / "outputs" / "multirun")
+    report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=cwd, text=True,
+                            capture_output=True, env={**os.environ, **TOKENS}, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    (cwd / "outputs" / "test-output-report.txt").write_text(report.stdout + report.stderr)
+    return cwd
+
+
+LR_COMPLETE, LR_FAIL, LR_PRUNE = 2e-3, 3e-3, 1e-7
+TB_SWEEP_ARGS = [
+    "-m", f"optimizer.lr={LR_COMPLETE},{LR_FAIL},{LR_PRUNE}", "hydra.sweeper.max_failure_rate=1.0",
+    # a threshold pruner: a trial still above 6.5 at its step-10 evaluation (the untrained loss is ~6.8) stops
+    "~hydra.sweeper.pruner.n_startup_trials", "~hydra.sweeper.pruner.n_warmup_steps",
+    "hydra.sweeper.pruner.name=threshold", "+hydra.sweeper.pruner.upper=6.5",
+    # the failing trial raises at step 12, mid-training
+    "+callbacks.fail._target_=tests.conftest.FailAtStep", "+callbacks.fail.value=${optimizer.lr}",
+    f"+callbacks.fail.when={LR_FAIL}", "+callbacks.fail.step=12",
+    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tb_sweep(tmp_path_factory, cache_dir) -> Path:
+    """A sweep with one trial of each end: complete, pruned (threshold at step 10), failed (at step 12). Its
+    working folder. Used by test_tensorboard.py and test_report.py."""
+    cwd = tmp_path_factory.mktemp("tb_sweep")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    proc = run_cli(TB_SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
+def cli_in_process(args, cwd: Path, env=None) -> subprocess.CompletedProcess:
+    """The same entry point as `run_cli` (qlora_exp.__main__.cli), called in this process: for commands that are
+    refused before any trial starts, where a new interpreter would only add its start-up time."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qlora_exp.__main__ import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old_cwd, old_argv, old_env = os.getcwd(), sys.argv, dict(os.environ)
+    try:
+        os.chdir(cwd)
+        sys.argv = ["qlora_exp", *args]
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001  (a traceback, as the user would see it)
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+        os.environ.clear()
+        os.environ.update(old_env)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(["qlora_exp", *args], code, out.getvalue(), err.getvalue())

@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO.parent / "shared" / "bench" / "seed_recipe.py"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.mark.skipif(not RECIPE.exists(), reason="../shared/bench/seed_recipe.py is not beside the checkout")

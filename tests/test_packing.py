@@ -114,6 +114,9 @@ def test_packed_trial_trains_like_the_unpacked_one(tmp_path, cache_dir):
     packed, plain = runs["true"], runs["false"]
     assert packed["packing"] == "rows" and plain["packing"] == "off"
     assert packed["train_tokens"] == plain["train_tokens"]  # the same examples, every real token counted
+    # ... fed as fewer, fuller rows: the collator really packed them
+    assert plain["train_rows"] == 12 * 16 and packed["train_rows"] < plain["train_rows"] / 2, (packed, plain)
+    assert packed["train_tokens"] <= packed["train_positions"] < plain["train_positions"]
     for (s1, a), (s2, b) in zip(packed["eval_history"], plain["eval_history"], strict=True):
         assert s1 == s2 and abs(a - b) / b < 2e-3, (packed["eval_history"], plain["eval_history"])
     assert packed["eval_history"][-1][1] < packed["eval_history"][0][1] - 0.3  # and it did train

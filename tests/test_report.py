@@ -11,14 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from qlora_exp.report import main, newest_sweep
-from tests.test_tensorboard import small_sweep
 
 SPACE = {"optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True), "lora.r": CategoricalDistribution([8, 16, 64])}
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, cache_dir) -> Path:
-    return small_sweep(tmp_path_factory, cache_dir)
 
 
 def assert_png(path: Path) -> None:
@@ -34,7 +28,8 @@ def pngs_of(report_md: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_report_on_a_finished_sweep(sweep):
+def test_report_on_a_finished_sweep(tb_sweep):
+    sweep = tb_sweep
     (folder,) = (sweep / "outputs" / "multirun").iterdir()
     proc = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(folder)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "MPLBACKEND": "module://nonexistent"})

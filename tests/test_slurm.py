@@ -23,7 +23,7 @@ def _slurm_up() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.skipif(not _slurm_up(), reason="no SLURM here: run scripts/slurm/up.sh (CI does)")]
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=1",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=15",
@@ -63,6 +63,16 @@ def sacct_state(job_id: str) -> str:
     return out.strip().splitlines()[-1] if out.strip() else ""  # a requeued job has a line per run: the last
 
 
+def sacct_times(job_id: str) -> tuple[float, float]:
+    """When SLURM started and ended the job (its last run), as epoch seconds."""
+    import datetime
+
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job_id], capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    start, end = (datetime.datetime.fromisoformat(x).timestamp() for x in out.split("|"))
+    return start, end
+
+
 def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
     args = ["-m", "lora.r=4,8,16,32,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
             "hydra.sweeper.pruner.name=none", *SLURM, *FAST]  # every trial to its end: jobs COMPLETED, not pruned
@@ -72,16 +82,20 @@ def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
     by_rank = {t.params["lora.r"]: t for t in study.trials}
     assert sorted(by_rank) == [0, 4, 8, 16, 32]
     assert by_rank[0].state == TrialState.FAIL and "lora.r" in by_rank[0].user_attrs["fail_reason"]
-    seen = set()
+    jobs = {}
     for r in (4, 8, 16, 32):
         t = by_rank[r]
         assert t.state == TrialState.COMPLETE
         m = read_metrics(Path(t.user_attrs["folder"]))
         assert m["slurm_job_id"] == t.user_attrs["job_id"] and sacct_state(m["slurm_job_id"]) == "COMPLETED"
         assert m["cuda_visible_devices"] in ("0", "1")  # one fake GPU each, given by SLURM
-        seen.add(m["cuda_visible_devices"])
+        assert m["cpu_threads"] == 1  # OMP_NUM_THREADS from cpus_per_task=1, not one thread per core of the node
         assert m["eval_loss"] == pytest.approx(t.value)
-    assert seen == {"0", "1"}  # two trials at once on the node's two GPUs
+        jobs[m["slurm_job_id"]] = (*sacct_times(m["slurm_job_id"]), m["cuda_visible_devices"])
+    # two trials at once, as SLURM ran them: jobs whose run times overlap, each on its own GPU of the node
+    overlapping = [(a, b) for a in jobs for b in jobs if a < b and jobs[a][0] < jobs[b][1] and jobs[b][0] < jobs[a][1]]
+    assert overlapping, jobs
+    assert all(jobs[a][2] != jobs[b][2] for a, b in overlapping), jobs
 
 
 def test_cancelled_trial_job_is_fail_with_its_slurm_state(tmp_path, cache_dir):

@@ -6,7 +6,6 @@ a row in the HPARAMS table whose eval loss is the one in its metrics.json; the s
 """
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -18,46 +17,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from transformers import TrainerCallback
 
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-LR_COMPLETE, LR_FAIL, LR_PRUNE = 2e-3, 3e-3, 1e-7
-SWEEP_ARGS = [
-    "-m", f"optimizer.lr={LR_COMPLETE},{LR_FAIL},{LR_PRUNE}", "hydra.sweeper.max_failure_rate=1.0",
-    # a threshold pruner: a trial still above 6.5 at its step-10 evaluation (the untrained loss is ~6.8) stops
-    "~hydra.sweeper.pruner.n_startup_trials", "~hydra.sweeper.pruner.n_warmup_steps",
-    "hydra.sweeper.pruner.name=threshold", "+hydra.sweeper.pruner.upper=6.5",
-    "+callbacks.fail._target_=tests.test_tensorboard.FailAtStep", f"+callbacks.fail.lr={LR_FAIL}",
-    "+callbacks.fail.step=12",
-    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false",
-]
 PER_STEP = ("train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "perf/tokens_per_s",
             "perf/peak_memory_gb")
-_SWEEP: dict[str, Path] = {}
-
-
-class FailAtStep(TrainerCallback):
-    """Test only: a trial whose learning rate is `lr` raises at optimizer step `step`, mid-training."""
-
-    def __init__(self, lr: float, step: int):
-        self.lr, self.step = float(lr), int(step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if math.isclose(args.learning_rate, self.lr) and state.global_step >= self.step:
-            raise RuntimeError(f"test failure at step {state.global_step}")
-
-
-def small_sweep(tmp_path_factory, cache_dir) -> Path:
-    """Run the sweep once per test session (test_report.py uses it too); its working folder."""
-    if "cwd" not in _SWEEP:
-        cwd = tmp_path_factory.mktemp("tb_sweep")
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-        proc = run_cli(SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        _SWEEP["cwd"] = cwd
-    return _SWEEP["cwd"]
 
 
 def sweep_trials(cwd: Path) -> tuple[Path, dict[str, dict]]:
@@ -70,11 +34,6 @@ def sweep_trials(cwd: Path) -> tuple[Path, dict[str, dict]]:
         run = Path(cfg.paths.tensorboard_dir).relative_to(tb_root).as_posix()
         trials[run] = {"metrics": read_metrics(trial_dir), "lr": cfg.optimizer.lr, "number": int(trial_dir.name)}
     return folder, trials
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, cache_dir) -> Path:
-    return small_sweep(tmp_path_factory, cache_dir)
 
 
 class TensorBoard:
@@ -121,7 +80,8 @@ class TensorBoard:
 
 
 @pytest.mark.slow
-def test_every_trial_is_in_one_tensorboard_with_its_hparams(sweep, tmp_path):
+def test_every_trial_is_in_one_tensorboard_with_its_hparams(tb_sweep, tmp_path):
+    sweep = tb_sweep
     folder, trials = sweep_trials(sweep)
     statuses = {t["metrics"]["status"] for t in trials.values()}
     assert len(trials) == 3 and statuses == {"complete", "pruned", "failed"}, {r: t["metrics"]["status"] for r, t in
@@ -147,7 +107,9 @@ def test_every_trial_is_in_one_tensorboard_with_its_hparams(sweep, tmp_path):
             else:
                 assert [s for s, _ in evals] == [s for s, _ in history]
                 assert [v for _, v in evals] == pytest.approx([v for _, v in history], rel=1e-5)
-            assert max(s for s, _ in scalars(tb, run, "train/loss")) <= (t["metrics"]["steps"] or 12)
+            # a training log every trainer.log_every (5) steps, up to the last step reached (12 for the failed one)
+            last = t["metrics"]["steps"] or 12
+            assert [s for s, _ in scalars(tb, run, "train/loss")] == list(range(5, last + 1, 5)), run
 
         # the study's run: best value so far per trial number, trials per state
         complete = [t for t in trials.values() if t["metrics"]["status"] == "complete"]
@@ -200,7 +162,7 @@ def scalars(tb: TensorBoard, run: str, tag: str) -> list[tuple[int, float]]:
     return [(int(step), float(value)) for _, step, value in tb.request(f"/data/plugin/scalars/scalars?{query}")]
 
 
-def test_study_run_is_rewritten_whole_and_superseded_files_go(tmp_path, monkeypatch):
+def test_study_run_is_rewritten_whole_and_superseded_files_go(tmp_path, monkeypatch, caplog):
     """No server: the study's run after each report holds exactly the study as it is (no duplicate steps)."""
     import optuna
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -228,9 +190,13 @@ def test_study_run_is_rewritten_whole_and_superseded_files_go(tmp_path, monkeypa
     assert best == [(0, 3.0), (1, 2.0), (2, 2.0), (3, 1.0), (4, 1.0)]
     assert [e.value for e in acc.Scalars("study/trials_running")] == [0, 0, 0, 0, 1]
     assert [e.value for e in acc.Scalars("study/trials_pruned")][-1] == 1
-    # a config without paths, or an unwritable root: the sweep goes on
-    stb.write_study_run(study, OmegaConf.create({}), tmp_path)
-    stb.write_study_run(study, OmegaConf.create({"paths": {"tensorboard_root": "/proc/nope"}}), tmp_path)
+    # a config without paths: no run, nothing written; an unwritable root: one warning, and the sweep goes on
+    before = sorted(tmp_path.rglob("*"))
+    stb.write_study_run(study, OmegaConf.create({}), tmp_path / "elsewhere")
+    assert sorted(tmp_path.rglob("*")) == before
+    with caplog.at_level("WARNING", logger="sweeper.tensorboard"):
+        stb.write_study_run(study, OmegaConf.create({"paths": {"tensorboard_root": "/proc/nope"}}), tmp_path)
+    assert "could not write the study's TensorBoard run" in caplog.text and "/proc/nope" in caplog.text
 
 
 def test_hparams_row_has_the_same_keys_for_every_trial():

@@ -8,7 +8,7 @@ from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo
 from qlora_exp.errors import ConfigError
 from qlora_exp.validate import check_config, optimizer_for_device
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 
 CPU = DeviceInfo(cuda=False, bf16=False, n_gpus=0, name="cpu")
 OLD_GPU = DeviceInfo(cuda=True, bf16=False, n_gpus=1, name="Tesla V100")
@@ -85,8 +85,13 @@ def test_jsonl_both_row_forms_and_held_out_split(make_cfg, tmp_path):
     cfg = make_cfg("data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.2")
     train, evals = load_rows(cfg.data, seed=0)
     assert (len(train), len(evals)) == (16, 4)
-    assert (train[0]["messages"][0] == {"role": "user", "content": "q0\n\nctx"}
-            or any(r["messages"][0]["content"] == "u" for r in train))
+    # every row in chat form: the instruction rows as user (instruction + input) and assistant (output) turns
+    converted = sorted((r["messages"] for r in train + evals), key=str)
+    expected = [[{"role": "user", "content": f"q{i}\n\nctx"}, {"role": "assistant", "content": f"a{i}"}]
+                for i in range(10)] + [[{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]] * 10
+    assert converted == sorted(expected, key=str)
+    assert len({str(r["messages"]) for r in evals} & {str(r["messages"]) for r in train if r["messages"][0]["content"]
+                                                       != "u"}) == 0  # no instruction row in both splits
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -97,7 +102,7 @@ def test_jsonl_both_row_forms_and_held_out_split(make_cfg, tmp_path):
     (["data=jsonl", "data.train_path=/no/such.jsonl"], "data.train_path='/no/such.jsonl' is not accepted"),
 ])
 def test_cli_refuses_in_one_line_before_any_model_loads(tmp_path, args, needle):
-    proc = run_cli(args, tmp_path, cache=tmp_path / "cache")
+    proc = cli_in_process([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {lines[0][7:]}"] and needle in lines[0], proc.stderr[-2000:]
