@@ -154,10 +154,10 @@ def main():
     ap.add_argument("--only-seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="comma list: run (or resume with a larger --trials) only these seeds")
     ap.add_argument("--report-only", action="store_true", help="run nothing: the table of the studies already in --out")
-    ap.add_argument("--smoke", action="store_true", help="2 ranks, 1 alpha, 2 lrs (a grid of 4), 2 trials, 1 seed, 10 steps")
+    ap.add_argument("--smoke", action="store_true", help="1 rank, 1 alpha, 2 lrs (a grid of 2), 2 trials, 1 seed, 10 steps")
     a = ap.parse_args()
     if a.smoke:
-        a.ranks, a.alphas, a.grid_lrs, a.trials, a.seeds = "8,16", "16", 2, 2, 1
+        a.ranks, a.alphas, a.grid_lrs, a.trials, a.seeds = "8", "16", 2, 2, 1
         a.set = ["trainer.max_steps=10", "trainer.eval_every=5", *a.set]
     a.ranks, a.alphas = [int(x) for x in a.ranks.split(",")], [int(x) for x in a.alphas.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ def job_result(job):
     except submitit.core.utils.UncompletedJobError as e:
         if not job.paths.result_pickle.exists():
             lines = str(e).splitlines()
-            why = "killed, or out of memory" if isinstance(job, submitit.LocalJob) else f"job state: {job.state}"
+            why = ("it exited early, was killed or ran out of memory" if isinstance(job, submitit.LocalJob)
+                   else f"job state: {job.state}")
             raise submitit.core.utils.UncompletedJobError("\n".join([f"{NO_RESULT} ({why})", *lines[2:]])) from None
         raise
 

@@ -23,7 +23,10 @@ import qlora_exp  # noqa: F401  (resolvers)
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
-FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
+# short trials: what a sweep test asserts holds after 20 steps on 320 rows (a trial process is ~10 s of imports and
+# ~4 s of work; the embedded default, 150 steps on 2,000 rows, runs once, as `default_trial`)
+ROWS = ["data.max_train_rows=320", "data.max_eval_rows=64"]
+FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false", *ROWS]
 # tokens in the environment of the session's shared trials: no file or output they write may hold them
 TOKEN, HUB_TOKEN = "hf_SECRETabc123", "hf_HUBsecret456"
 TOKENS = {"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": HUB_TOKEN}
@@ -146,7 +149,7 @@ TB_SWEEP_ARGS = [
     # the failing trial raises at step 12, mid-training
     "+callbacks.fail._target_=tests.conftest.FailAtStep", "+callbacks.fail.value=${optimizer.lr}",
     f"+callbacks.fail.when={LR_FAIL}", "+callbacks.fail.step=12",
-    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false",
+    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false", *ROWS,
 ]
 
 

@@ -20,9 +20,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from tests.conftest import cli_in_process, run_cli
+from tests.conftest import FAST, ROWS, cli_in_process, run_cli
 
-FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
 SWEEP = ["-m", "lora.r=8,16"]
 RANKS = CategoricalDistribution([8, 16])
 
@@ -230,7 +229,7 @@ def test_tensorboard_folder_filling_during_a_sweep_fails_that_trial_with_its_rea
 
 @pytest.mark.slow
 def test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_retry(tmp_path, cache_dir):
-    args = ["-m", "lora.r=choice(8)", "hydra.sweeper.study_name=stopped", "trainer.max_steps=2000", "trainer.eval_every=1000",
+    args = ["-m", "lora.r=choice(8)", "hydra.sweeper.study_name=stopped", *ROWS, "trainer.max_steps=2000", "trainer.eval_every=1000",
             "trainer.save_adapter=false", f"paths.cache_dir={cache_dir}"]
     driver = subprocess.Popen([sys.executable, "-m", "qlora_exp", *args], cwd=tmp_path, text=True,
                               env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

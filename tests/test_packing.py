@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlora_exp.packing import PackedBatchCollator, best_fit_decreasing, layout_for
-from tests.conftest import run_cli
+from tests.conftest import ROWS, run_cli
 
 LENGTHS = [7, 31, 5, 64, 18, 40, 3, 25]
 
@@ -107,7 +107,7 @@ def test_packed_trial_trains_like_the_unpacked_one(tmp_path, cache_dir):
     runs = {}
     for packing in ("true", "false"):
         out = tmp_path / f"packing-{packing}"
-        proc = run_cli(["trainer.max_steps=12", "trainer.eval_every=6", "lora.dropout=0", "trainer.save_adapter=false",
+        proc = run_cli(["trainer.max_steps=12", "trainer.eval_every=6", "lora.dropout=0", "trainer.save_adapter=false", *ROWS,
                         f"trainer.packing={packing}", f"hydra.run.dir={out}"], tmp_path, cache_dir)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[packing] = json.loads((out / "metrics.json").read_text())

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import FAST, ROWS, read_metrics, run_cli
 
 
 def _slurm_up() -> bool:
@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600),
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=1",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=15",
          "hydra.launcher.signal_delay_s=30"]
-FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=false"]
 
 
 def journal_study(cwd: Path) -> optuna.Study:
@@ -73,17 +72,18 @@ def sacct_times(job_id: str) -> tuple[float, float]:
     return start, end
 
 
-def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
-    args = ["-m", "lora.r=4,8,16,32,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
+def test_sweep_of_three_trials_as_slurm_jobs(tmp_path, cache_dir):
+    args = ["-m", "lora.r=4,8,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
             "hydra.sweeper.pruner.name=none", *SLURM, *FAST]  # every trial to its end: jobs COMPLETED, not pruned
-    proc = run_cli(args, tmp_path, cache_dir, timeout=600)
+    # the driver's own OMP_NUM_THREADS (sbatch exports its environment) is not what a trial gets: its cpus_per_task is
+    proc = run_cli(args, tmp_path, cache_dir, env={"OMP_NUM_THREADS": "2"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study = journal_study(tmp_path)
     by_rank = {t.params["lora.r"]: t for t in study.trials}
-    assert sorted(by_rank) == [0, 4, 8, 16, 32]
+    assert sorted(by_rank) == [0, 4, 8]
     assert by_rank[0].state == TrialState.FAIL and "lora.r" in by_rank[0].user_attrs["fail_reason"]
     jobs = {}
-    for r in (4, 8, 16, 32):
+    for r in (4, 8):
         t = by_rank[r]
         assert t.state == TrialState.COMPLETE
         m = read_metrics(Path(t.user_attrs["folder"]))
@@ -99,7 +99,7 @@ def test_sweep_of_five_trials_as_slurm_jobs(tmp_path, cache_dir):
 
 
 def test_cancelled_trial_job_is_fail_with_its_slurm_state(tmp_path, cache_dir):
-    driver = start_driver(["-m", "lora.r=8,16", "trainer.max_steps=2000", "trainer.eval_every=1000", *SLURM], tmp_path,
+    driver = start_driver(["-m", "lora.r=8,16", "trainer.max_steps=2000", "trainer.eval_every=1000", *ROWS, *SLURM], tmp_path,
                           cache_dir)
     try:
         job_id = wait_for(lambda: next(t.user_attrs["job_id"] for t in journal_study(tmp_path).trials
@@ -121,14 +121,14 @@ def test_cancelled_trial_job_is_fail_with_its_slurm_state(tmp_path, cache_dir):
 def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path, cache_dir):
     import submitit
 
-    driver = start_driver(["-m", "lora.r=8,16", "hydra.sweeper.n_trials=1", "trainer.max_steps=120",
+    driver = start_driver(["-m", "lora.r=8,16", "hydra.sweeper.n_trials=1", *ROWS, "trainer.max_steps=60",
                            "trainer.eval_every=10", *SLURM], tmp_path, cache_dir)
     try:
         trial = wait_for(lambda: next(t for t in journal_study(tmp_path).trials  # job_id: set once sbatch answered
                                       if t.state == TrialState.RUNNING and "job_id" in t.user_attrs),
                          what="a running trial with its job")
         folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["job_id"]
-        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-30")), what="checkpoint-30")
+        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-20")), what="checkpoint-20")
         submitit.SlurmJob(folder=tmp_path / "outputs" / "multirun" / folder.parent.name / ".submitit",
                           job_id=job_id)._interrupt()  # submitit's preemption path: SIGUSR2, checkpoint, requeue
         deadline = time.time() + 300
@@ -144,8 +144,8 @@ def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path,
     (t,) = journal_study(tmp_path).trials  # still one trial in the study
     assert t.state == TrialState.COMPLETE
     m = read_metrics(folder)
-    assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= 30, m
-    assert m["steps"] == 120 and m["eval_loss"] == pytest.approx(t.value)
+    assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= 20, m
+    assert m["steps"] == 60 and m["eval_loss"] == pytest.approx(t.value)
     assert "resuming from" in (folder / "__main__.log").read_text()
 
 

@@ -107,9 +107,10 @@ def test_every_trial_is_in_one_tensorboard_with_its_hparams(tb_sweep, tmp_path):
             else:
                 assert [s for s, _ in evals] == [s for s, _ in history]
                 assert [v for _, v in evals] == pytest.approx([v for _, v in history], rel=1e-5)
-            # a training log every trainer.log_every (5) steps, up to the last step reached (12 for the failed one)
+            # a training log at the first step and every trainer.log_every (5) steps, up to the last step reached
+            # (12 for the failed one)
             last = t["metrics"]["steps"] or 12
-            assert [s for s, _ in scalars(tb, run, "train/loss")] == list(range(5, last + 1, 5)), run
+            assert [s for s, _ in scalars(tb, run, "train/loss")] == [1, *range(5, last + 1, 5)], run
 
         # the study's run: best value so far per trial number, trials per state
         complete = [t for t in trials.values() if t["metrics"]["status"] == "complete"]
