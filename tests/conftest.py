@@ -2,9 +2,9 @@
 several test modules assert on, each run once per session (a trial process costs ~8 s of imports).
 
 - `default_trial`: `python -m qlora_exp` on the embedded default (150 steps), with tokens in the environment.
-- `grid_sweep`: `-m lora.r=8,16,0` (two complete, one FAIL), tokens in the environment, then its report.
-- `tb_sweep`: one complete, one pruned and one failed trial, for the TensorBoard server and the report.
-The secrets scan (test_secrets.py) reads every byte the first two wrote.
+- `tb_sweep`: a grid of three learning rates, one trial complete, one pruned, one failed; run again (it resumes and
+  runs nothing) and reported; tokens in the environment. For the TensorBoard server, the report and the grid.
+The secrets scan (test_secrets.py) reads every byte both wrote.
 """
 import json
 import math
@@ -121,25 +121,6 @@ def default_trial(tmp_path_factory, cache_dir) -> Path:
     return run
 
 
-@pytest.fixture(scope="session")
-def grid_sweep(tmp_path_factory, cache_dir) -> Path:
-    """`-m lora.r=8,16,0` (r=0 is that trial's FAIL), then the same command again (a resume that runs nothing)
-    and `python -m qlora_exp.report` on it; tokens in every environment. Its working folder, with what the
-    three commands printed in outputs/test-output-*.txt."""
-    cwd = tmp_path_factory.mktemp("grid_sweep")
-    args = ["-m", "lora.r=8,16,0", "hydra.sweeper.max_failure_rate=1.0", *FAST]
-    for name in ("first", "again"):
-        proc = run_cli(args, cwd, cache_dir, env=TOKENS)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (cwd / "outputs" / f"test-output-{name}.txt").write_text(proc.stdout + proc.stderr)
-    sweep = only_child(cwd / "outputs" / "multirun")
-    report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=cwd, text=True,
-                            capture_output=True, env={**os.environ, **TOKENS}, timeout=300)
-    assert report.returncode == 0, report.stderr[-3000:]
-    (cwd / "outputs" / "test-output-report.txt").write_text(report.stdout + report.stderr)
-    return cwd
-
-
 LR_COMPLETE, LR_FAIL, LR_PRUNE = 2e-3, 3e-3, 1e-7
 TB_SWEEP_ARGS = [
     "-m", f"optimizer.lr={LR_COMPLETE},{LR_FAIL},{LR_PRUNE}", "hydra.sweeper.max_failure_rate=1.0",
@@ -155,12 +136,21 @@ TB_SWEEP_ARGS = [
 
 @pytest.fixture(scope="session")
 def tb_sweep(tmp_path_factory, cache_dir) -> Path:
-    """A sweep with one trial of each end: complete, pruned (threshold at step 10), failed (at step 12). Its
-    working folder. Used by test_tensorboard.py and test_report.py."""
+    """A grid of three learning rates with one trial of each end: complete, pruned (threshold at step 10), failed
+    (at step 12); then the same command again (a resume that runs nothing) and `python -m qlora_exp.report` on it,
+    tokens in every environment. Its working folder, with what the three commands printed in
+    outputs/test-output-*.txt. Used by test_tensorboard, test_report, test_sweeper and test_secrets."""
     cwd = tmp_path_factory.mktemp("tb_sweep")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = run_cli(TB_SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**TOKENS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    for name in ("first", "again"):
+        proc = run_cli(TB_SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (cwd / "outputs" / f"test-output-{name}.txt").write_text(proc.stdout + proc.stderr)
+    sweep = only_child(cwd / "outputs" / "multirun")
+    report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=cwd, text=True,
+                            capture_output=True, env={**os.environ, **TOKENS}, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    (cwd / "outputs" / "test-output-report.txt").write_text(report.stdout + report.stderr)
     return cwd
 
 

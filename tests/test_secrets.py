@@ -28,14 +28,17 @@ def files_holding(roots: list[Path], secrets: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_hf_token_never_written_by_a_sweep_a_run_or_a_report(grid_sweep, default_trial, cache_dir):
-    """The session's grid sweep (run, resumed, reported) and default trial ran with HF_TOKEN and
-    HUGGING_FACE_HUB_TOKEN set; what they printed is kept beside their outputs, so one scan reads it all."""
+def test_hf_token_never_written_by_a_sweep_a_run_or_a_report(tb_sweep, default_trial, cache_dir):
+    """The session's sweep (run, resumed, reported: a complete, a pruned and a failed trial) and default trial ran
+    with HF_TOKEN and HUGGING_FACE_HUB_TOKEN set; what they printed is kept beside their outputs, so one scan reads
+    it all."""
+    grid_sweep = tb_sweep
     single_cwd = default_trial.parent.parent.parent
     written = [p for root in (grid_sweep, single_cwd) for p in root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".pkl" for p in written) and any("tfevents" in p.name for p in written)
     assert any(p.name == "optuna.db" for p in written) and any(p.name.endswith(".log") for p in written)
     assert any(p.name == "report.md" for p in written) and any(p.name == "adapter_model.safetensors" for p in written)
+    assert any(p.name == "metrics.json" and '"failed"' in p.read_text() for p in written)  # a failed trial's too
     printed = [p for p in written if p.name.startswith("test-output")]
     assert len(printed) == 4 and all(p.stat().st_size > 0 for p in printed)
     assert files_holding([grid_sweep, single_cwd, cache_dir], [TOKEN, HUB_TOKEN]) == []
