@@ -93,8 +93,10 @@ def test_sweep_of_three_trials_as_slurm_jobs(tmp_path, cache_dir):
         assert m["cpu_threads"] == 1  # OMP_NUM_THREADS from cpus_per_task=1, not one thread per core of the node
         assert m["eval_loss"] == pytest.approx(t.value)
         jobs[m["slurm_job_id"]] = (*sacct_times(m["slurm_job_id"]), m["cuda_visible_devices"])
-    # two trials at once, as SLURM ran them: jobs whose run times overlap, each on its own GPU of the node
-    overlapping = [(a, b) for a in jobs for b in jobs if a < b and jobs[a][0] < jobs[b][1] and jobs[b][0] < jobs[a][1]]
+    # two trials at once, as SLURM ran them: jobs that ran side by side for 5 s or more (a job can stay RUNNING a
+    # second past its result, so back-to-back jobs touch), each on its own GPU of the node
+    overlapping = [(a, b) for a in jobs for b in jobs
+                   if a < b and min(jobs[a][1], jobs[b][1]) - max(jobs[a][0], jobs[b][0]) >= 5]
     assert overlapping, jobs
     assert all(jobs[a][2] != jobs[b][2] for a, b in overlapping), jobs
 
