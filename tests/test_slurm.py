@@ -88,7 +88,8 @@ def test_sweep_of_three_trials_as_slurm_jobs(tmp_path, cache_dir):
         assert t.state == TrialState.COMPLETE
         m = read_metrics(Path(t.user_attrs["folder"]))
         assert m["slurm_job_id"] == t.user_attrs["job_id"]  # (sacct may say RUNNING a moment after the result)
-        wait_for(lambda: sacct_state(m["slurm_job_id"]) == "COMPLETED", timeout=60, what=f"job {m['slurm_job_id']}")
+        job_id = m["slurm_job_id"]
+        wait_for(lambda job_id=job_id: sacct_state(job_id) == "COMPLETED", timeout=60, what=f"job {job_id} COMPLETED")
         assert m["cuda_visible_devices"] in ("0", "1")  # one fake GPU each, given by SLURM
         assert m["cpu_threads"] == 1  # OMP_NUM_THREADS from cpus_per_task=1, not one thread per core of the node
         assert m["eval_loss"] == pytest.approx(t.value)
