@@ -441,10 +441,14 @@ def _short(v: Any) -> str:
 
 
 def _plain(x: Any) -> Any:
+    """Plain containers for the results file; a `${...}` in a string (an override such as `+x=${optimizer.lr}`)
+    escaped, so the file reads back as written instead of failing as an interpolation."""
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
+    if isinstance(x, str):
+        return x.replace("${", "\\${")
     return x
 
 
