@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from sweeper.components import build_storage
+from sweeper.storage import build_storage
 
 folder = Path(sys.argv[1])
 results = OmegaConf.load(folder / "optimization_results.yaml")

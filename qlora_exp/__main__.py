@@ -16,6 +16,8 @@ from qlora_exp.errors import ConfigError
 
 log = logging.getLogger("qlora_exp")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# the sweeper's and launchers' config groups (hydra_plugins/qlora_exp_sweeper/searchpath.py puts them on the search path)
+PLUGIN_CONF = Path(__file__).resolve().parent.parent / "hydra_plugins" / "qlora_exp_sweeper" / "conf"
 
 
 def tensorboard_run_dir(cfg: DictConfig) -> str:
@@ -93,8 +95,9 @@ def check_group_choices(argv: list[str]) -> None:
             raise ConfigError(key, value, f"Hydra's override grammar ({reason})") from None
     for o in overrides:
         key = o.get_key_element().lstrip("~+")
-        group = CONF_DIR / key
-        if o.is_delete() or not group.is_dir() or key.startswith("hydra"):
+        # conf/'s groups, and the sweeper's sampler and pruner groups (other hydra/* groups may come from plugins)
+        group = PLUGIN_CONF / key if key in ("hydra/sweeper/sampler", "hydra/sweeper/pruner") else CONF_DIR / key
+        if o.is_delete() or not group.is_dir() or (key.startswith("hydra") and group.parent == CONF_DIR):
             continue
         values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.value()]
         options = sorted(p.stem for p in group.glob("*.yaml"))

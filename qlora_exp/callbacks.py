@@ -151,10 +151,6 @@ class TrialBoard:
             w.file_writer.add_summary(summary, step)
         w.flush()
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

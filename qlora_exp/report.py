@@ -72,7 +72,7 @@ def study_location(folder: Path) -> tuple[str, str, list[str] | None]:
             names = [str(n) for n in names] if names else ([str(single)] if single else None)
         except Exception:  # noqa: BLE001  (names are cosmetic)
             names = None
-    from sweeper.components import storage_from_file
+    from sweeper.storage import storage_from_file
 
     return storage_from_file(str(info.storage)), str(info.study_name), names
 
@@ -80,7 +80,7 @@ def study_location(folder: Path) -> tuple[str, str, list[str] | None]:
 def open_study(storage_url: str, study_name: str):
     import optuna
 
-    from sweeper.components import build_storage, hide_password
+    from sweeper.storage import build_storage, hide_password
 
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         raise ReportError(f"no study database at {storage_url[len('sqlite:///'):]}")
@@ -227,7 +227,7 @@ def _figure(ax):
 def build_report(study, folder: Path, storage_url: str, objective_names: list[str] | None = None) -> Report:
     from optuna.trial import TrialState
 
-    from sweeper.components import hide_password
+    from sweeper.storage import hide_password
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

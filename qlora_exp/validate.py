@@ -152,3 +152,17 @@ def optimizer_for_device(name: str, device: DeviceInfo) -> tuple[str, str | None
         return "adamw_torch", (f"optimizer.name={name} needs CUDA; this machine has none, "
                                "so this trial uses adamw_torch (same update, unpaged 32-bit states)")
     return name, None
+
+
+def check_trial(cfg: DictConfig) -> None:
+    """The single-run checks on one point of a sweep (`hydra.sweeper.check`), run by the sweep driver on each choice
+    and grid point, and both ends of each interval, before the first trial starts. Machine-specific checks (bf16,
+    fp16) wait for the trial's own machine, as `python -m qlora_exp`'s own check does."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.set_struct(task, False)
+    task.paths.output_dir = str(Path(task.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
+    check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))

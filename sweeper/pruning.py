@@ -19,12 +19,13 @@ class OptunaPruningCallback(TrainerCallback):
 
         import optuna
 
-        from sweeper.components import STORAGE_ENV, build_pruner, build_storage
+        from sweeper.samplers import build_pruner
+        from sweeper.storage import STORAGE_ENV, build_storage
 
         storage = storage or os.environ[STORAGE_ENV]  # None: a URL with a password, kept out of the overrides
 
         self.study = optuna.load_study(study_name=study_name, storage=build_storage(storage),
-                                       pruner=build_pruner(pruner))
+                                       pruner=build_pruner(pruner)[1])
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
         self.trial = optuna.trial.Trial(self.study, trial_id)
         self.metric = metric

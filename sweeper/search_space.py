@@ -164,6 +164,16 @@ def parse_search_space(
     return distributions, fixed
 
 
+def create_params_from_overrides(
+    arguments: Sequence[str],
+) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
+    """hydra-optuna-sweeper's ``create_params_from_overrides``, same signature and results:
+    ``(distributions, fixed values, delete overrides such as "~z")``; a fixed value is its override string."""
+    deletes = [a for a in arguments if a.lstrip().startswith("~")]
+    distributions, fixed = parse_search_space(None, [a for a in arguments if a not in deletes])
+    return distributions, fixed, deletes
+
+
 def _parse_line(parser: OverridesParser, line: str) -> tuple[str, Any]:
     try:
         override = parser.parse_overrides([line])[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from sweeper.components import build_storage, storage_from_file
+from sweeper.storage import build_storage, storage_from_file
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:

@@ -2,8 +2,8 @@
 the value and what is accepted; no traceback (unless HYDRA_FULL_ERROR=1), no model built, no study written.
 
 Single runs (`python -m qlora_exp ...`) and sweeps (`python -m qlora_exp -m ...`) alike: in a sweep the fixed
-overrides are checked by the driver before it opens the study (a swept value that fails is that trial's
-FAIL, tests/test_sweeper.py::test_failing_trial_is_fail_and_the_sweep_completes).
+overrides are checked before Hydra starts, and every value of the sweep (each choice and grid point, both ends of
+an interval) by the driver before it opens the study.
 """
 import json
 import os
@@ -31,7 +31,7 @@ CASES = [
     ("unknown_top_key", ["learning_rate=1e-4"], "learning_rate",
      "is not accepted: a key of the config: callbacks, data, lora, model"),
     ("unknown_sweeper_key", [*SWEEP, "hydra.sweeper.n_trial=3"], "hydra.sweeper.n_trial",
-     "is not accepted: a key of hydra.sweeper: _target_, command, direction"),
+     "is not accepted: a key of hydra.sweeper: _recursive_, _target_, callbacks_key, check"),
     ("unknown_search_param", ["-m", "hydra.sweeper.params={lora.rnk:'8,16'}"], "lora.rnk",
      "is not accepted: a key of lora: alpha,"),
     # wrong type
@@ -60,7 +60,8 @@ CASES = [
     ("n_trials_zero", [*SWEEP, "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials", "is not accepted: an integer >= 1"),
     ("failure_rate_above_one", [*SWEEP, "hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate",
      "is not accepted: a number from 0 to 1"),
-    ("pruner_argument", [*SWEEP, "hydra.sweeper.pruner.n_warmup_steps=-5"], "hydra.sweeper.pruner",
+    ("pruner_argument", ["-m", "optimizer.lr=interval(1e-5,1e-3)", "hydra.sweeper.pruner.n_warmup_steps=-5"],
+     "hydra.sweeper.pruner",
      "is not accepted: arguments of optuna.pruners.MedianPruner"),
     # search grammar
     ("interval_reversed", ["-m", "optimizer.lr=interval(5,1)"], "optimizer.lr", "interval(5,1) has low > high; accepted:"),
@@ -71,14 +72,29 @@ CASES = [
     ("unknown_tag", ["-m", "optimizer.lr=tag(linear,interval(1e-5,1e-3))"], "optimizer.lr", "unknown tag combination"),
     ("unclosed_list", [*SWEEP[:1], "lora.r=[8,16"], "lora.r", "is not accepted: Hydra's override grammar"),
     ("bad_params_block", ["-m", "hydra.sweeper.params={optimizer.lr:'interval(5,1)'}"], "optimizer.lr", "has low > high"),
-    ("nothing_to_search", ["-m", "lora.r=8"], "hydra.sweeper.params", "at least one parameter to search"),
     # sampler, pruner, directions
     ("unknown_sampler", [*SWEEP, "hydra.sweeper.sampler.name=annealing"], "hydra.sweeper.sampler.name",
-     "'annealing' is not accepted: one of cmaes, gp, grid, nsgaii, qmc, random, tpe"),
+     "'annealing' is not accepted: one of auto, cmaes, gp, grid, nsgaii, qmc, random, tpe (or hydra/sweeper/sampler=<name>)"),
+    ("unknown_sampler_group", [*SWEEP, "hydra/sweeper/sampler=annealing"], "hydra/sweeper/sampler",
+     "'annealing' is not accepted: one of auto, cmaes, gp, grid, motpe, nsgaii, qmc, random, tpe"),
+    ("removed_sampler", [*SWEEP, "hydra/sweeper/sampler=motpe"], "hydra.sweeper.sampler",
+     "'motpe' is not accepted: The 'motpe' sampler was removed in Optuna 4.0. Use 'hydra/sweeper/sampler=tpe'"),
+    ("removed_sampler_short_form", [*SWEEP, "hydra.sweeper.sampler.name=motpe"], "hydra.sweeper.sampler",
+     "'motpe' is not accepted: The 'motpe' sampler was removed in Optuna 4.0."),
+    ("sampler_target_unknown", [*SWEEP, "+hydra.sweeper.sampler._target_=optuna.samplers.Nope", "~hydra.sweeper.sampler.name"],
+     "hydra.sweeper.sampler._target_", "is not accepted: an importable class"),
+    ("sweep_value_refused", ["-m", "lora.r=0,8"], "lora.r",
+     "=0 is not accepted: an integer >= 1 (a value of this sweep, checked before any trial starts)"),
+    ("sweep_interval_end_refused", ["-m", "lora.dropout=interval(0.0,1.0)"], "lora.dropout",
+     "=1.0 is not accepted: a number >= 0 and < 1 (a value of this sweep"),
+    ("sweep_params_value_refused", ["-m", "hydra.sweeper.params={optimizer.lr:'choice(1e-4,-1)'}"], "optimizer.lr",
+     "=-1 is not accepted: a number > 0 (a value of this sweep"),
+    ("migrated_search_space_key", [*SWEEP, "+hydra.sweeper.search_space={x:{type:float,low:0,high:1}}"],
+     "hydra.sweeper.search_space", "is not accepted: not a setting here; use params"),
     ("unknown_pruner", [*SWEEP, "hydra.sweeper.pruner.name=bogus"], "hydra.sweeper.pruner.name",
-     "'bogus' is not accepted: one of hyperband, median, none"),
+     "'bogus' is not accepted: one of auto, hyperband, median, none"),
     ("grid_of_a_continuous_space", ["-m", "optimizer.lr=interval(1e-5,1e-3)", "hydra.sweeper.sampler.name=grid"],
-     "hydra.sweeper.sampler.name", "a grid needs every parameter discrete"),
+     "hydra.sweeper.sampler", "a grid needs every parameter discrete"),
     ("unknown_direction", [*SWEEP, "hydra.sweeper.direction=sideways"], "hydra.sweeper.direction",
      "is not accepted: minimize or maximize"),
     ("directions_per_objective", [*SWEEP, "hydra.sweeper.objectives=[eval_loss,peak_memory_gb]",

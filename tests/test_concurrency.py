@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from sweeper.components import build_storage
+from sweeper.storage import build_storage
 from tests.conftest import ROWS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_four_drivers_share_one_study_of_40_trials(tmp_path, storage):
     url = (f"journal:///{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/study.db")
     args = [sys.executable, str(TOY), "-m", "x=range(0,10)", "y=choice(0.0,0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0,4.5)",
-            f"hydra.searchpath=[file://{REPO}/conf]", "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={url}",
+            "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={url}",
             "hydra.sweeper.n_trials=40", "hydra.sweeper.sampler.name=random", f"hydra.sweeper.study_dir={tmp_path}/runs"]
     env = {**os.environ, "TOY_OUTPUT_ROOT": str(tmp_path / "out"), "PYTHONPATH": str(REPO)}
     drivers = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -112,7 +112,7 @@ def test_a_driver_on_a_machine_without_gpus_never_imports_torch(tmp_path):
     """`-X importtime` lists every module the driver process imports (its trials are other processes)."""
     if Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("this machine has an NVIDIA driver: the driver counts its GPUs with torch")
-    args = [sys.executable, "-X", "importtime", str(TOY), "-m", "x=0,1", f"hydra.searchpath=[file://{REPO}/conf]",
+    args = [sys.executable, "-X", "importtime", str(TOY), "-m", "x=0,1",
             f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweeper.study_dir={tmp_path}/runs"]
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,

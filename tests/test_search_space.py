@@ -42,27 +42,7 @@ def parse_one(line: str) -> tuple[str, Any]:
     return parse_override(OverridesParser.create().parse_overrides([line])[0])
 
 
-# Every case of hydra-optuna-sweeper's test_create_optuna_distribution_from_override.
-@pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize(
-    "line, expected",
-    [
-        ("key=choice(1,2)", CategoricalDistribution([1, 2])),
-        ("key=choice(true, false)", CategoricalDistribution([True, False])),
-        ("key=choice('hello', 'world')", CategoricalDistribution(["hello", "world"])),
-        ("key=shuffle(range(1,3))", CategoricalDistribution((1, 2))),
-        ("key=range(1,3)", IntDistribution(1, 3)),
-        ("key=interval(1, 5)", FloatDistribution(1, 5)),
-        ("key=int(interval(1, 5))", IntDistribution(1, 5)),
-        ("key=tag(log, interval(1, 5))", FloatDistribution(1, 5, log=True)),
-        ("key=tag(log, int(interval(1, 5)))", IntDistribution(1, 5, log=True)),
-        ("key=range(0.5, 5.5, step=1)", FloatDistribution(0.5, 5.5, step=1)),
-    ],
-)
-def test_create_optuna_distribution_from_override(line: str, expected: Any) -> None:
-    key, actual = parse_one(line)
-    assert key == "key"
-    check_distribution(expected, actual)
+# hydra-optuna-sweeper's own cases of the override -> distribution mapping: tests/peer/test_optuna_sweeper.py
 
 
 @pytest.mark.filterwarnings("error")  # stop is snapped onto the grid without Optuna's warning
@@ -276,7 +256,8 @@ def test_validation_error_is_one_line(params: Any, overrides: list[str], key: st
 
 def test_sampler_block_keeps_its_own_settings_and_drops_another_samplers():
     """search=rank_alpha_lr's TPE settings stay in the block when a user picks another sampler."""
-    from sweeper.components import SweeperConfigError, build_pruner, build_sampler
+    from sweeper.errors import SweeperConfigError
+    from sweeper.samplers import build_pruner, build_sampler
 
     tpe_block = {"seed": 3, "n_startup_trials": 5, "multivariate": True, "constant_liar": True}
     name, tpe = build_sampler({"name": "tpe", **tpe_block}, None, False)
@@ -285,12 +266,12 @@ def test_sampler_block_keeps_its_own_settings_and_drops_another_samplers():
     assert name == "random" and isinstance(rnd, optuna.samplers.RandomSampler)
     with pytest.raises(SweeperConfigError, match="sampler"):
         build_sampler({"name": "tpe", "n_startup_trails": 5}, None, False)  # a typo is no sampler's setting
-    pruner = build_pruner({"name": "hyperband", "n_startup_trials": 3, "n_warmup_steps": 20})
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    name, pruner, spec = build_pruner({"name": "hyperband", "n_startup_trials": 3, "n_warmup_steps": 20})
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and spec == {"name": "hyperband"}
 
 
 def test_range_edges_names_the_best_params_at_an_end_of_their_range():
-    from sweeper.components import range_edges
+    from sweeper.results import range_edges
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()

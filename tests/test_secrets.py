@@ -60,8 +60,9 @@ DB_URL = "postgresql://optuna:DBs3cret@db.example:5432/studies"
 def test_storage_password_is_hidden_from_files_and_passed_to_trials_by_environment(monkeypatch, tmp_path):
     import optuna
 
-    from sweeper.components import STORAGE_ENV, SweeperConfigError, hide_password, storage_for_trials, storage_from_file
+    from sweeper.errors import SweeperConfigError
     from sweeper.pruning import OptunaPruningCallback
+    from sweeper.storage import STORAGE_ENV, hide_password, storage_for_trials, storage_from_file
 
     monkeypatch.delenv(STORAGE_ENV, raising=False)
     shown = hide_password(DB_URL)
@@ -77,7 +78,7 @@ def test_storage_password_is_hidden_from_files_and_passed_to_trials_by_environme
     journal = f"journal:///{tmp_path}/study.log"
     assert storage_for_trials(journal) == journal and STORAGE_ENV not in os.environ
     # a trial's pruning callback given no URL opens the study named by the environment
-    from sweeper.components import build_storage
+    from sweeper.storage import build_storage
 
     study = optuna.create_study(study_name="s", storage=build_storage(journal))
     study.ask()

@@ -31,7 +31,7 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launch
 
 
 def journal_study(cwd: Path) -> optuna.Study:
-    from sweeper.components import build_storage
+    from sweeper.storage import build_storage
 
     storage = build_storage(f"journal:///{cwd}/outputs/optuna-journal.log")
     (name,) = optuna.get_all_study_names(storage)
@@ -73,15 +73,17 @@ def sacct_times(job_id: str) -> tuple[float, float]:
 
 
 def test_sweep_of_three_trials_as_slurm_jobs(tmp_path, cache_dir):
-    args = ["-m", "lora.r=4,8,0", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
-            "hydra.sweeper.pruner.name=none", *SLURM, *FAST]  # every trial to its end: jobs COMPLETED, not pruned
+    # a grid: no pruner unless asked, so every trial runs to its end (jobs COMPLETED); r=16 raises at its first step
+    args = ["-m", "lora.r=4,8,16", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1.0",
+            "+callbacks.fail._target_=tests.conftest.FailAtStep", "+callbacks.fail.value=${lora.r}",
+            "+callbacks.fail.when=16", "+callbacks.fail.step=1", *SLURM, *FAST]
     # the driver's own OMP_NUM_THREADS (sbatch exports its environment) is not what a trial gets: its cpus_per_task is
     proc = run_cli(args, tmp_path, cache_dir, env={"OMP_NUM_THREADS": "2"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study = journal_study(tmp_path)
     by_rank = {t.params["lora.r"]: t for t in study.trials}
-    assert sorted(by_rank) == [0, 4, 8]
-    assert by_rank[0].state == TrialState.FAIL and "lora.r" in by_rank[0].user_attrs["fail_reason"]
+    assert sorted(by_rank) == [4, 8, 16] and "sampler grid, pruner none" in proc.stdout + proc.stderr
+    assert by_rank[16].state == TrialState.FAIL and "test failure at step 1" in by_rank[16].user_attrs["fail_reason"]
     jobs = {}
     for r in (4, 8):
         t = by_rank[r]
@@ -195,3 +197,34 @@ def test_cancelling_the_detached_driver_cancels_its_trials(tmp_path, cache_dir):
         subprocess.run(["scancel", "--name", "qlora-sweep-driver"], capture_output=True)
     t = next(t for t in journal_study(tmp_path).trials if t.number == trial.number)
     assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
+
+
+def test_peer_example_app_on_slurm_through_hydras_basic_sweeper(tmp_path):
+    """hydra-submitit-launcher's example app (tests/peer/submitit_example, copied unchanged: its config picks
+    `hydra/launcher: submitit_slurm`) swept by Hydra's basic sweeper through our launcher, on SLURM, with the peer's
+    keys: `python` (SlurmExecutor's own argument; it used to reach update_parameters and raise a NameError) runs each
+    job, a null `tasks_per_node` leaves --ntasks-per-node out, `submitit_folder` with %j gets one folder per job, and
+    slurm.yaml's qlora_exp-only trial override (trainer.save_checkpoints) is left out for an app without `trainer`."""
+    example = Path(__file__).parent / "peer" / "submitit_example"
+    wrapper = tmp_path / "python.sh"  # says which job it ran, then is the python
+    wrapper.write_text(f'#!/bin/sh\ntouch "{tmp_path}/python-ran-$SLURM_JOB_ID"\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(example / "my_app.py"), "-m", "task=1,2",
+                           f"hydra.sweep.dir={sweep}", f"hydra.launcher.submitit_folder={sweep}/.submitit/%j",
+                           f"hydra.launcher.python={wrapper}", "hydra.launcher.tasks_per_node=null",
+                           "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+                           "hydra.launcher.timeout_min=5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "trainer.save_checkpoints=true left out" in proc.stdout + proc.stderr
+    job_ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir())
+    assert len(job_ids) == 2 and all(job_id.isdigit() for job_id in job_ids), job_ids
+    for num, task in ((0, 1), (1, 2)):
+        log = (sweep / str(num) / "my_app.log").read_text()
+        job_id = next(j for j in job_ids if f"job_id={j}," in log)
+        assert f"executing task {task}, with JobEnvironment(job_id={job_id}" in log, log
+        assert (tmp_path / f"python-ran-{job_id}").exists()
+        sbatch = (sweep / ".submitit" / job_id / f"{job_id}_submission.sh").read_text()
+        assert "--ntasks-per-node" not in sbatch and "--job-name=my_app" in sbatch and str(wrapper) in sbatch, sbatch
+        wait_for(lambda job_id=job_id: sacct_state(job_id) == "COMPLETED", timeout=60, what=f"job {job_id} COMPLETED")

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -13,7 +12,9 @@ import sqlalchemy.exc
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from sweeper.optuna_sweeper import OptunaSweeperImpl, hydra_value
+from sweeper.naming import hydra_value
+from sweeper.policy import count_finished, stale_trials
+from sweeper.storage import build_storage
 from tests.conftest import FAST, ROWS, cli_in_process, read_metrics, run_cli, wait_for
 
 
@@ -33,16 +34,25 @@ def test_hydra_value_quotes_for_the_override_grammar():
     assert hydra_value({"name": "median", "n": 3}) == "{name:'median',n:3}" and hydra_value(None) == "null"
 
 
-def test_count_finished_skips_failures_that_were_retried():
+def test_count_finished_skips_failures_that_were_retried_and_interrupts():
+    """A retried failure counts once (its retry), an interrupted trial never (Optuna's retry_history marks both)."""
+    from sweeper.policy import RETRY_ONCE, fail
+
     study = optuna.create_study()
     d = {"x": optuna.distributions.FloatDistribution(0, 1)}
     failed = study.ask(d)
     study.tell(failed, state=TrialState.FAIL)
-    retry = study.ask(d)
-    retry.set_user_attr("retry_of", failed.number)
+    RETRY_ONCE(study, study.trials[failed.number])
+    retry = study.ask(d)  # the WAITING retry comes first, with the same x
+    assert retry.params == failed.params and study.trials[retry.number].system_attrs["retry_history"] == [0]
     study.tell(retry, 0.5)
     study.tell(study.ask(d), state=TrialState.PRUNED)
-    assert OptunaSweeperImpl._count_finished(study) == 2
+    assert count_finished(study) == 2
+    cut = study.ask(d)
+    fail(study, cut._trial_id, cut.number, "sweep interrupted", interrupted=True)
+    assert count_finished(study) == 2 and study.trials[-1].state == TrialState.WAITING
+    RETRY_ONCE(study, study.trials[retry.number])  # a trial retried once already is not queued again
+    assert [t.state for t in study.trials].count(TrialState.WAITING) == 1
 
 
 @pytest.mark.slow
@@ -85,7 +95,7 @@ def test_tpe_with_pruning_on_two_slots(tmp_path, cache_dir):
     proc = run_cli(args, tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the preset's sampler and pruner, as the driver built them
-    assert "sampler tpe, pruner PercentilePruner, 2 slot(s)" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "sampler tpe, pruner percentile, 2 slot(s)" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     study = load_study(tmp_path)
     states = [t.state for t in study.trials]
     assert len(states) == 6 and TrialState.FAIL not in states
@@ -116,8 +126,13 @@ def test_tpe_with_pruning_on_two_slots(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_max_failure_rate_stops_a_failing_sweep(tmp_path, cache_dir):
-    proc = run_cli(["-m", "lora.r=0,-1,-2,-3", "hydra.sweeper.max_failure_rate=0.5", *FAST], tmp_path, cache_dir)
-    assert proc.returncode != 0 and "max_failure_rate=0.5" in proc.stderr
+    every_trial_fails = ["+callbacks.fail._target_=tests.conftest.FailAtStep", "+callbacks.fail.value=1",
+                         "+callbacks.fail.when=1", "+callbacks.fail.step=1"]  # each raises at its first step
+    proc = run_cli(["-m", "lora.r=4,8,16,32", "hydra.sweeper.max_failure_rate=0.5", *every_trial_fails, *FAST],
+                   tmp_path, cache_dir)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and "max_failure_rate=0.5" in lines[0] and "test failure at step 1" in lines[0], lines
     # one slot: the first failure is 1 of 1 (the rule needs 2 finished), the second 2 of 2 > 0.5: stop
     assert [t.state for t in load_study(tmp_path).trials] == [TrialState.FAIL, TrialState.FAIL]
 
@@ -143,18 +158,19 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cache
     before = {t.number: t for t in load_study(tmp_path).trials}
     finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
     metrics_mtime = {n: (sweep_dir(tmp_path) / str(n) / "metrics.json").stat().st_mtime for n in finished}
-    # until the running trials' last heartbeat is older than stale_after_s (3 s): then the rerun takes them as orphans
-    beats = [t.system_attrs.get("heartbeat", t.datetime_start.timestamp()) for t in before.values()
-             if t.state == TrialState.RUNNING]  # (a trial just asked has no heartbeat yet: its start, as the sweeper)
-    assert beats, before
-    wait_for(lambda: time.time() - max(beats) > 3.2, timeout=10, what="the heartbeat to go stale")
+    # until the running trial's last heartbeat (Optuna's RDB heartbeat table) is older than stale_after_s (3 s): then
+    # the rerun takes it as an orphan
+    assert TrialState.RUNNING in [t.state for t in before.values()], before
+    storage = build_storage(f"sqlite:///{tmp_path}/outputs/optuna.db", heartbeat_s=10, stale_after_s=3)
+    wait_for(lambda: stale_trials(optuna.load_study(study_name=load_study(tmp_path).study_name, storage=storage), 3,
+                                  set()), timeout=20, what="the heartbeat to go stale")
     proc = run_cli(args[:-1], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = load_study(tmp_path).trials
     orphans = [t for t in after if t.state == TrialState.FAIL]
     assert orphans and all("no heartbeat" in t.user_attrs["fail_reason"] for t in orphans)
-    retried = [t for t in after if t.user_attrs.get("retry_of") is not None]
-    assert {t.user_attrs["retry_of"] for t in retried} == {t.number for t in orphans}
+    retried = [t for t in after if t.system_attrs.get("retry_history")]  # Optuna's RetryHeartbeatStaleTrialCallback
+    assert {t.system_attrs["retry_history"][0] for t in retried} == {t.number for t in orphans}
     assert all(t.state == TrialState.COMPLETE for t in retried)
     assert sorted(t.params["lora.r"] for t in after if t.state == TrialState.COMPLETE) == [4, 8]
     for n in finished:  # finished trials were not run again

@@ -7,7 +7,7 @@ from hydra.plugins.sweeper import Sweeper
 
 class QLoRAOptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from sweeper.components import SweeperConfigError
+        from sweeper.errors import SweeperConfigError
         from sweeper.optuna_sweeper import OptunaSweeperImpl
 
         self.error = None
@@ -24,21 +24,29 @@ class QLoRAOptunaSweeper(Sweeper):
         import os
         import sys
 
-        from sweeper.components import SweeperConfigError
+        from sweeper.errors import SweeperConfigError
+        from sweeper.loop import SweepInterrupted, SweepStopped
         from sweeper.search_space import SearchSpaceError
 
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
         try:
             if self.error is not None:
                 raise self.error
             return self.sweeper.sweep(arguments)
         except (SweeperConfigError, SearchSpaceError) as e:  # bad settings: one line, exit 2, nothing stored
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if full:
                 raise
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (scancel): the sweeper has cancelled its trials
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except SweepStopped as e:  # too many failures, a scheduler refusing jobs: one line, the study kept
+            if full:
                 raise
-            print("error: sweep interrupted: the trials it was running are FAIL, each queued for one retry; "
-                  "rerun the same command to resume", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except SweepInterrupted:  # the loop said so in one line per signal, and queued what it cut short
+            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # before any trial started
+            if full:
+                raise
+            print("error: sweep interrupted before its first trial started; nothing was run", file=sys.stderr)
             raise SystemExit(130) from None

@@ -1,9 +1,12 @@
-"""A Hydra app whose trial is instant: for testing the sweeper itself (concurrency, storage), not training.
+"""A Hydra app whose trial is instant: for testing the sweeper itself (concurrency, storage, interrupts, return
+values), not training.
 
     python tests/toy_app/app.py -m x=range(0,100) hydra.sweeper.storage=...
+    python tests/toy_app/app.py -m x=0,1 sleep_s=5 returns=pair hydra.sweeper.direction=[minimize,minimize]
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -11,11 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg) -> float:
+def main(cfg):
     value = (cfg.x - 3.3) ** 2 + cfg.y
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "metrics.json").write_text(json.dumps({"value": value, "pid": os.getpid()}))
-    return value
+    time.sleep(cfg.sleep_s + cfg.x * cfg.sleep_per_x)  # a trial that takes a while: interrupts land while it runs
+    (out / "metrics.json").write_text(json.dumps({"value": value, "other": -value, "pid": os.getpid()}))
+    return {"value": value, "pair": (value, -value), "dict": {"value": value, "other": -value},
+            "text": "not a number", "none": None}[cfg.returns]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""How a sweep names things: its study, its folder, each trial's overrides, and the command that reproduces one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sweeper.errors import SweeperConfigError
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]{0,127}")
+
+
+def hydra_value(v: Any) -> str:
+    """A Python value as a Hydra override value (strings quoted, dicts and lists in Hydra's syntax)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def study_name(config: DictConfig, setting: str | None, arguments: list[str], params, objectives) -> str:
+    """`hydra.sweeper.study_name`, or `<search preset>-<hash of the command's overrides>`: the same command, the
+    same study, so a rerun resumes it."""
+    if setting:
+        name = str(setting)
+    else:
+        search = config.hydra.runtime.choices.get("search") or "sweep"
+        key = json.dumps([sorted(arguments), params, objectives], sort_keys=True, default=str)
+        name = f"{search}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise SweeperConfigError("study_name", name, "letters, digits and _ . = , + - (no path separators), "
+                                 "at most 128 characters")
+    return name
+
+
+def sweep_dir(config: DictConfig, study_dir: str, name: str) -> Path:
+    """`hydra.sweep.dir` when the command line or the app's config sets one without `${now:...}`; else
+    `<study_dir>/<study_name>`: a timestamped folder would scatter a resumed study's trials over several."""
+    written = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")
+    on_command_line = any(o.split("=", 1)[0] == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+    use_own = on_command_line or (isinstance(written, str) and "${now:" not in written)
+    folder = Path(config.hydra.sweep.dir) if use_own else Path(study_dir) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweeperConfigError("hydra.sweep.dir" if use_own else "study_dir", str(folder),
+                                 f"a folder this process can write ({e.strerror or e})") from None
+    with open_dict(config):
+        config.hydra.sweep.dir = str(folder)
+    return folder
+
+
+def has_key(config: DictConfig, key: str | None) -> bool:
+    """The app's config has `key` (qlora_exp's run_name and callbacks; another app may have neither)."""
+    return bool(key) and OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+
+
+_ABSENT = object()
+
+
+def this_command() -> str:
+    """How this sweep was started, as a user would type it: `python -m pkg` or `python path/app.py`."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return f"python {sys.argv[0]}" if sys.argv and sys.argv[0] else "python"

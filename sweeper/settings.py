@@ -1,0 +1,117 @@
+"""The sweeper's settings (hydra.sweeper.*), read and checked once: a bad one is one line before anything runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sweeper.errors import SweeperConfigError
+
+MIGRATED = {  # hydra-optuna-sweeper keys that are spelled differently here
+    "search_space": "params (hydra-optuna-sweeper deprecated search_space in 1.2 and removed it: write the space in "
+                    "params, e.g. x: interval(0, 1))",
+}
+
+
+@dataclass
+class Settings:
+    sampler: dict | None = None
+    pruner: dict | None = None
+    direction: Any = "minimize"
+    objectives: list[str] = field(default_factory=list)
+    metrics_file: str = "metrics.json"
+    study_name: str | None = None
+    storage: str | None = None
+    study_dir: str = "outputs/multirun"
+    n_trials: int | None = None
+    n_jobs: int = 1
+    max_failure_rate: float = 0.5
+    params: dict | None = None
+    custom_search_space: str | None = None
+    check: str | None = None
+    gpus: list[int] | None = None
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 120.0
+    prune_metric: str = "eval_loss"
+    callbacks_key: str | None = "callbacks"
+    run_name_key: str | None = "run_name"
+    command: str | None = None
+    poll_s: float = 0.5
+
+    @property
+    def directions(self) -> list[str]:
+        d = self.direction
+        return [str(x) for x in d] if isinstance(d, (list, tuple)) else [str(d)] * max(1, len(self.objectives))
+
+    @classmethod
+    def from_config(cls, **kwargs: Any) -> Settings:
+        known = {f.name for f in fields(cls)}
+        for key, value in kwargs.items():
+            if key in MIGRATED:
+                raise SweeperConfigError(key, _py(value), f"not a setting here; use {MIGRATED[key]}")
+            if key not in known:
+                raise SweeperConfigError(key, _py(value), "a sweeper setting: " + ", ".join(sorted(known)))
+        s = cls(**{k: _py(v) for k, v in kwargs.items()})
+        s.objectives = list(s.objectives or [])
+        s.check_values()
+        s.storage, s.study_dir = absolute_url(s.storage), str(Path(s.study_dir).absolute())
+        return s
+
+    def check_values(self) -> None:
+        s = self
+        s.n_jobs = _integer("n_jobs", s.n_jobs, 1, "an integer >= 1")
+        if s.n_trials is not None:
+            s.n_trials = _integer("n_trials", s.n_trials, 1, "an integer >= 1, or null (the grid's size or 20)")
+        try:
+            s.max_failure_rate = float(s.max_failure_rate)
+        except (TypeError, ValueError):
+            raise SweeperConfigError("max_failure_rate", s.max_failure_rate, "a number from 0 to 1") from None
+        if not 0 <= s.max_failure_rate <= 1:  # NaN fails this too
+            raise SweeperConfigError("max_failure_rate", s.max_failure_rate, "a number from 0 to 1")
+        for d in s.directions:
+            if d.lower() not in ("minimize", "maximize"):
+                raise SweeperConfigError("direction", d, "minimize or maximize (or a list, one per objective)")
+        if s.objectives and len(s.directions) != len(s.objectives):
+            raise SweeperConfigError("direction", s.direction, f"one direction per objective {s.objectives}")
+        if s.storage is not None and not isinstance(s.storage, str):
+            raise SweeperConfigError("storage", s.storage, "sqlite:///path.db, journal:///path.log, a database URL "
+                                     "or null (an in-memory study)")
+        for key in ("heartbeat_s", "stale_after_s", "poll_s"):
+            value = getattr(s, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise SweeperConfigError(key, value, "a number of seconds > 0")
+        for key in ("sampler", "pruner"):
+            if getattr(s, key) is not None and not isinstance(getattr(s, key), dict):
+                raise SweeperConfigError(key, getattr(s, key), f"a block such as hydra/sweeper/{key}=<name> selects, "
+                                         f"or {{name: <name>, ...}}")
+
+
+def absolute_url(url: str | None) -> str | None:
+    """A relative SQLite or journal path made absolute from where the sweep starts: trial processes and SLURM jobs
+    then find the same study wherever they run."""
+    for scheme in ("sqlite:///", "journal://"):
+        if url and url.startswith(scheme) and not url[len(scheme):].startswith("/") and url[len(scheme):] != ":memory:":
+            return scheme + str(Path(url[len(scheme):]).absolute())
+    return url
+
+
+def _py(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def _integer(key: str, value: Any, low: int, accepted: str) -> int:
+    if isinstance(value, bool):
+        raise SweeperConfigError(key, value, accepted)
+    if not isinstance(value, int):
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise SweeperConfigError(key, value, accepted) from None
+        if not as_float.is_integer():
+            raise SweeperConfigError(key, value, accepted)
+        value = int(as_float)
+    if value < low:
+        raise SweeperConfigError(key, value, accepted)
+    return value

@@ -1,0 +1,208 @@
+"""What a user of hydra-optuna-sweeper expects of a sweep, end to end on the instant toy app (tests/toy_app):
+grids run whole, n_trials capped at the grid, fixed values leave the search, every kind of return value, and
+Ctrl-C that keeps finished work and never uses up n_trials. The app has none of qlora_exp's settings."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from tests.conftest import REPO, wait_for
+
+TOY = REPO / "tests" / "toy_app" / "app.py"
+pytestmark = pytest.mark.slow
+
+
+def toy_args(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(TOY), "-m", f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db",
+            f"hydra.sweeper.study_dir={tmp_path}/runs", "hydra.sweeper.study_name=toy", *args]
+
+
+def toy_env(tmp_path: Path) -> dict:
+    return {**os.environ, "TOY_OUTPUT_ROOT": str(tmp_path / "out"), "PYTHONPATH": str(REPO)}
+
+
+def run_toy(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(toy_args(tmp_path, *args), cwd=tmp_path, env=toy_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def study(tmp_path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path}/study.db")
+
+
+def own_lines(stderr: str) -> list[str]:
+    """stderr less Optuna's own `[I ...]` log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[I ")]
+
+
+def trial_overrides(tmp_path: Path, number: int) -> list[str]:
+    return list(OmegaConf.load(tmp_path / "runs" / "toy" / str(number) / ".hydra" / "overrides.yaml"))
+
+
+def test_a_grid_is_not_pruned_unless_a_pruner_is_asked_for(tmp_path):
+    """The default pruner is `auto`: median for a search, none for a grid. A grid's trials get no pruning callback
+    (so none can stop early); with hydra/sweeper/pruner=median they do."""
+    proc = run_toy(tmp_path, "x=0,1,2,3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sampler grid, pruner none" in proc.stdout, proc.stdout[-2000:]
+    assert [t.state for t in study(tmp_path).trials] == [TrialState.COMPLETE] * 4
+    assert not any("optuna_pruning" in o for n in range(4) for o in trial_overrides(tmp_path, n))
+    other = tmp_path / "asked"
+    other.mkdir()
+    proc = run_toy(other, "x=0,1", "hydra/sweeper/pruner=median")
+    assert proc.returncode == 0 and "sampler grid, pruner median" in proc.stdout, proc.stdout[-2000:]
+    assert any(o.startswith("+callbacks.optuna_pruning._target_=") for o in trial_overrides(other, 0))
+
+
+def test_n_trials_above_the_grid_is_capped_with_a_note(tmp_path):
+    proc = run_toy(tmp_path, "x=0,1,2", "hydra.sweeper.n_trials=20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "n_trials=20 is more than the grid's 3 point(s): capped at 3" in proc.stdout
+    trials = study(tmp_path).trials
+    assert len(trials) == 3 and sorted(t.params["x"] for t in trials) == [0, 1, 2]
+    assert OmegaConf.load(tmp_path / "runs" / "toy" / "optimization_results.yaml").n_trials == 3
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
+def test_a_fixed_command_line_value_takes_its_key_out_of_the_search(tmp_path, sampler):
+    """`y=0.5` on the command line beside a params block that searches y: y is fixed for every trial, for every
+    sampler (hydra-optuna-sweeper's behaviour); before, the sampled value won."""
+    space = "{x:'choice(0,1,2)',y:'choice(0.0,1.0,2.0)'}" if sampler == "grid" else "{x:'choice(0,1,2)',y:'interval(0,4)'}"
+    proc = run_toy(tmp_path, f"hydra.sweeper.params={space}", "y=0.5", f"hydra/sweeper/sampler={sampler}",
+                   "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = study(tmp_path).trials
+    assert len(trials) == 3 and all(set(t.params) == {"x"} for t in trials)
+    for t in trials:  # the trial ran with y=0.5: its value is (x - 3.3)^2 + 0.5
+        assert t.value == pytest.approx((t.params["x"] - 3.3) ** 2 + 0.5)
+
+
+@pytest.mark.parametrize("returns,extra,expected", [
+    ("value", [], lambda x: [(x - 3.3) ** 2]),
+    ("pair", ["hydra.sweeper.direction=[minimize,maximize]"], lambda x: [(x - 3.3) ** 2, -(x - 3.3) ** 2]),
+    ("dict", ["hydra.sweeper.objectives=[other,value]", "hydra.sweeper.direction=[maximize,minimize]"],
+     lambda x: [-(x - 3.3) ** 2, (x - 3.3) ** 2]),
+    ("none", ["hydra.sweeper.objectives=[value]"], lambda x: [(x - 3.3) ** 2]),  # read from metrics.json
+], ids=["float", "sequence", "dict", "metrics_file"])
+def test_return_values(tmp_path, returns, extra, expected):
+    proc = run_toy(tmp_path, "x=1,2", f"returns={returns}", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [t.user_attrs for t in trials]
+    for t in trials:
+        assert t.values == pytest.approx(expected(t.params["x"]))
+    results = OmegaConf.load(tmp_path / "runs" / "toy" / "optimization_results.yaml")
+    assert ("solutions" in results) == (len(trials[0].values) > 1)
+
+
+@pytest.mark.parametrize("returns,extra,reason", [
+    ("text", [], "the return value must be a number, got str 'not a number'"),
+    ("pair", [], "the task returned 2 value(s) for 1 objective(s)"),
+    ("dict", [], "the task returned a dict of 2 values ['other', 'value']; name the objective(s)"),
+], ids=["text", "two_values_one_objective", "dict_without_objectives"])
+def test_a_return_value_that_is_no_objective_fails_that_trial_in_one_line(tmp_path, returns, extra, reason):
+    """Never a driver crash or a trial left RUNNING: each trial FAIL with the reason, the sweep stopped by
+    max_failure_rate in one line (exit 1, no traceback)."""
+    proc = run_toy(tmp_path, "x=1,2", f"returns={returns}", *extra)
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert all(reason in t.user_attrs["fail_reason"] for t in trials), trials[0].user_attrs
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [line.split(":")[0] for line in own_lines(proc.stderr)] == ["error"], proc.stderr[-2000:]
+    assert "max_failure_rate" in proc.stderr
+
+
+def start_toy(tmp_path: Path, *args: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen(toy_args(tmp_path, *args), cwd=tmp_path, env=toy_env(tmp_path), stdout=subprocess.DEVNULL,
+                                stderr=f, text=True, start_new_session=True)
+
+
+def results_written(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "runs" / "toy" / ".submitit").rglob("*_result.pkl"))
+
+
+def test_ctrl_c_collects_a_finished_trial_and_queues_the_one_it_cut_short(tmp_path):
+    """Two slots: x=0 ends at once, x=1 sleeps 60 s. The driver polls every 5 s, so the Ctrl-C lands after x=0's
+    process has finished but before the driver has collected it (the case that used to store it FAIL and train it
+    again). x=0 is COMPLETE; x=1 is FAIL 'interrupted' with a WAITING retry; one line on stderr, exit 130, nothing
+    printed afterwards; n_trials is not used up: the rerun trains x=1 only and reports 2/2."""
+    args = ["x=0,1", "sleep_per_x=60", "hydra.sweeper.n_jobs=2", "hydra.sweeper.poll_s=5"]
+    log = tmp_path / "driver.err"
+    driver = start_toy(tmp_path, *args, log=log)
+    try:
+        wait_for(lambda: len(results_written(tmp_path)) == 1, timeout=60, what="x=0's result")
+        driver.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C (to the driver's process group)
+        assert driver.wait(timeout=60) == 130
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    size = log.stat().st_size
+    time.sleep(2)
+    assert log.stat().st_size == size, "something printed after the driver exited"
+    lines = own_lines(log.read_text())
+    assert len(lines) == 1 and lines[0].startswith("Ctrl-C: stopping the sweep"), log.read_text()[-3000:]
+    by_x = {}
+    for t in study(tmp_path).trials:
+        by_x.setdefault(t.params["x"], []).append(t)
+    assert [t.state for t in by_x[0]] == [TrialState.COMPLETE]
+    assert [t.state for t in by_x[1]] == [TrialState.FAIL, TrialState.WAITING]
+    assert by_x[1][0].user_attrs["interrupted"] is True
+    assert by_x[1][1].system_attrs["retry_history"] == [by_x[1][0].number]
+    # the rerun: x=1 once more (its retry), quickly this time; x=0 is not trained again
+    proc = run_toy(tmp_path, "x=0,1", "sleep_per_x=0", "hydra.sweeper.n_jobs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = sorted((t.params["x"], t.state.name, t.number) for t in study(tmp_path).trials)
+    assert [s[:2] for s in states] == [(0, "COMPLETE"), (1, "COMPLETE"), (1, "FAIL")], states
+    assert "[toy] 2/2 finished: 2 complete" in proc.stdout and "trial 0 started" not in proc.stdout
+
+
+def test_two_interrupts_in_a_row_lose_nothing_and_never_use_up_n_trials(tmp_path):
+    """Two Ctrl-C's 20 ms apart, twice over: no trial left RUNNING, at most one line per Ctrl-C, no traceback; the
+    interrupted trials never count, so the third run still trains the whole 3-point grid to 3/3."""
+    for attempt in range(2):
+        log = tmp_path / f"driver{attempt}.err"
+        driver = start_toy(tmp_path, "x=0,1,2", "sleep_s=60", "hydra.sweeper.n_jobs=2", log=log)
+        try:
+            wait_for(lambda: len(study(tmp_path).get_trials(states=(TrialState.RUNNING,))) == 2 if (
+                tmp_path / "study.db").exists() and optuna.get_all_study_names(f"sqlite:///{tmp_path}/study.db")
+                else False, timeout=60, what="two trials running")
+            time.sleep(1.5)  # their processes started
+            driver.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+            driver.send_signal(signal.SIGINT)
+            assert driver.wait(timeout=60) == 130
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        text = log.read_text()
+        lines = own_lines(text)
+        assert 1 <= len(lines) <= 2 and all(line.startswith("Ctrl-C") for line in lines), text[-3000:]
+        assert "Traceback" not in text
+        trials = study(tmp_path).trials
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        assert all(t.user_attrs.get("interrupted") for t in trials if t.state == TrialState.FAIL)
+    proc = run_toy(tmp_path, "x=0,1,2", "hydra.sweeper.n_jobs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    complete = [t.params["x"] for t in study(tmp_path).trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == [0, 1, 2] and "[toy] 3/3 finished: 3 complete" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_same_study_in_another_sweep_folder_says_where_its_trials_are(tmp_path):
+    first = run_toy(tmp_path, "x=0,1", f"hydra.sweep.dir={tmp_path}/first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_toy(tmp_path, "x=0,1", f"hydra.sweep.dir={tmp_path}/second")
+    assert again.returncode == 0 and "started (slot" not in again.stdout
+    assert f"study 'toy' was started in {tmp_path}/first: its earlier trials' folders are there" in again.stdout
+    for t in study(tmp_path).trials:  # the trials' folders are in the first sweep folder, and none in the second
+        value = json.loads((tmp_path / "first" / str(t.number) / "metrics.json").read_text())["value"]
+        assert value == pytest.approx(t.value)
+    assert not list((tmp_path / "second").glob("*/metrics.json"))
