@@ -97,7 +97,7 @@ def check_group_choices(argv: list[str]) -> None:
         key = o.get_key_element().lstrip("~+")
         # conf/'s groups, and the sweeper's sampler and pruner groups (other hydra/* groups may come from plugins)
         group = PLUGIN_CONF / key if key in ("hydra/sweeper/sampler", "hydra/sweeper/pruner") else CONF_DIR / key
-        if o.is_delete() or not group.is_dir() or (key.startswith("hydra") and group.parent == CONF_DIR):
+        if o.is_delete() or not group.is_dir() or (key.startswith("hydra") and not group.is_relative_to(PLUGIN_CONF)):
             continue
         values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.value()]
         options = sorted(p.stem for p in group.glob("*.yaml"))

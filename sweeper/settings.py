@@ -38,7 +38,7 @@ class Settings:
     callbacks_key: str | None = "callbacks"
     run_name_key: str | None = "run_name"
     command: str | None = None
-    poll_s: float = 0.5
+    poll_s: float = 0.2
 
     @property
     def directions(self) -> list[str]:

@@ -100,3 +100,47 @@ def test_article_recipe_experiment(make_cfg):
     assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and cfg.data.hub_name.endswith("ultrachat_200k")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.trainer.grad_accum) == (16, 32, 4)
     check_config(cfg, H200)
+
+
+@pytest.mark.parametrize("overrides, sampler, pruner", [
+    ([], "TPESampler", "MedianPruner"),  # auto/auto on a search: TPE and the median pruner
+    (["search=rank_alpha_lr"], "TPESampler", "PercentilePruner"),
+    (["search=rank_alpha_lr", "hydra/sweeper/sampler=random", "hydra/sweeper/pruner=hyperband"], "RandomSampler",
+     "HyperbandPruner"),  # the preset's TPE and percentile settings dropped, not passed to the other classes
+    (["search=rank_alpha_lr", "hydra.sweeper.sampler.name=random", "hydra.sweeper.pruner.name=none"], "RandomSampler",
+     "NopPruner"),  # the short form over a selected group: it wins over the group's _target_
+    (["hydra/sweeper/sampler=qmc", "hydra/sweeper/pruner=wilcoxon"], "QMCSampler", "WilcoxonPruner"),
+    (["hydra/sweeper/sampler=cmaes", "hydra/sweeper/pruner=successive_halving"], "CmaEsSampler",
+     "SuccessiveHalvingPruner"),
+    (["hydra/sweeper/sampler=gp", "hydra/sweeper/pruner=none"], "GPSampler", "NopPruner"),
+    (["hydra/sweeper/sampler=nsgaii", "hydra/sweeper/pruner=percentile"], "NSGAIISampler", "PercentilePruner"),
+    (["hydra/sweeper=optuna"], "TPESampler", "MedianPruner"),  # hydra-optuna-sweeper's name for the sweeper
+])
+def test_sampler_and_pruner_groups_compose_and_build(tmp_path, overrides, sampler, pruner):
+    """hydra/sweeper/sampler=<name> and hydra/sweeper/pruner=<name> (config groups with _target_), the short
+    `name:` form, and their mix, as the sweeper builds them; a derived seed when the block's seed is null."""
+    from hydra import compose, initialize_config_dir
+
+    from sweeper.samplers import build_pruner, build_sampler
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root_dir={tmp_path}", *overrides], return_hydra_config=True)
+    block = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
+    _, s = build_sampler(block["sampler"], None, False, "study-a")
+    _, p, spec = build_pruner(block["pruner"], grid=False)
+    assert type(s).__name__ == sampler and type(p).__name__ == pruner
+    assert isinstance(build_pruner(spec)[1], type(p))  # what the trials get builds the same pruner
+
+
+def test_a_null_seed_is_derived_from_the_study_name():
+    """The same command (the same study) suggests the same trials; another study, others."""
+    import optuna
+
+    from sweeper.samplers import build_sampler
+
+    def first_suggestions(study_name):
+        _, sampler = build_sampler({"name": "random", "seed": None}, None, False, study_name)
+        study = optuna.create_study(sampler=sampler)
+        return [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params["x"] for _ in range(3)]
+
+    assert first_suggestions("study-a") == first_suggestions("study-a") != first_suggestions("study-b")

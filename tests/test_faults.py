@@ -252,17 +252,16 @@ def test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_re
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
-        "error: sweep interrupted: the trials it was running are FAIL, each queued for one retry; "
-        "rerun the same command to resume"], err[-3000:]
-    # no traceback from the driver (submitit's local controller of the cancelled trial, stopped with SIGINT,
-    # may print its own KeyboardInterrupt: frames of submitit only)
-    frames = [line for line in err.splitlines() if line.strip().startswith("File ")]
-    assert all("submitit" in f or "<frozen" in f for f in frames), err[-3000:]
+    # one line for the signal, no traceback: the trials' submitit controllers run outside the terminal's reach and
+    # write to their own log, so nothing of theirs is printed
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[I ")]
+    assert lines == ["SIGTERM: stopping the sweep: finished trials are collected, running ones cancelled and "
+                     "queued again"], err[-3000:]
     trials = optuna.load_study(study_name="stopped", storage=storage).trials
     assert trials[0].state == TrialState.FAIL and "interrupted" in trials[0].user_attrs["fail_reason"]
     (retry,) = trials[1:]
-    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == 0 and retry.params == {"lora.r": 8}
+    assert retry.state == TrialState.WAITING and retry.params == {"lora.r": 8}
+    assert retry.system_attrs["retry_history"] == [0]  # Optuna's RetryHeartbeatStaleTrialCallback's record
     left = subprocess.run(["pgrep", "-f", f"submitit.* {tmp_path}/outputs/multirun/stopped/"], capture_output=True,
                           text=True).stdout.split()
     assert not left, f"trial processes left running: {left}"

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import FAST, ROWS, read_metrics, run_cli
+from tests.conftest import FAST, REPO, ROWS, read_metrics, run_cli
 
 
 def _slurm_up() -> bool:
@@ -78,7 +78,7 @@ def test_sweep_of_three_trials_as_slurm_jobs(tmp_path, cache_dir):
             "+callbacks.fail._target_=tests.conftest.FailAtStep", "+callbacks.fail.value=${lora.r}",
             "+callbacks.fail.when=16", "+callbacks.fail.step=1", *SLURM, *FAST]
     # the driver's own OMP_NUM_THREADS (sbatch exports its environment) is not what a trial gets: its cpus_per_task is
-    proc = run_cli(args, tmp_path, cache_dir, env={"OMP_NUM_THREADS": "2"}, timeout=600)
+    proc = run_cli(args, tmp_path, cache_dir, env={"OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study = journal_study(tmp_path)
     by_rank = {t.params["lora.r"]: t for t in study.trials}

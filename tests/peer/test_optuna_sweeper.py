@@ -366,7 +366,7 @@ def test_example_with_grid_sampler(tmp_path: Path, num_trials: int) -> None:
         "hydra.sweep.dir=" + str(tmp_path),
         "hydra.job.chdir=False",
         f"hydra.sweeper.n_trials={num_trials}",
-        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_jobs=2",  # differs from the peer (1): two slots on two cores; the sampler's picks do not depend on it
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweeper.study_name={study_name}",
     ]
@@ -407,7 +407,7 @@ def test_optuna_multi_objective_example(with_commandline: bool, tmp_path: Path) 
         "hydra.sweep.dir=" + str(tmp_path),
         "hydra.job.chdir=True",
         "hydra.sweeper.n_trials=20",
-        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_jobs=2",  # differs from the peer (1): two slots on two cores; the sampler's picks do not depend on it
         "hydra/sweeper/sampler=random",
         "hydra.sweeper.sampler.seed=123",
     ]
@@ -442,7 +442,7 @@ def test_optuna_custom_search_space_example(tmp_path: Path) -> None:
         "hydra.sweep.dir=" + str(tmp_path),
         "hydra.job.chdir=True",
         "hydra.sweeper.n_trials=20",
-        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_jobs=2",  # differs from the peer (1): two slots on two cores; the sampler's picks do not depend on it
         "hydra/sweeper/sampler=random",
         "hydra.sweeper.sampler.seed=123",
         f"max_z_difference_from_x={max_z_difference_from_x}",

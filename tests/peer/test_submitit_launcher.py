@@ -66,22 +66,21 @@ def fresh_version_base():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_version_base")
-@pytest.mark.parametrize("launcher_name, overrides", [("submitit_local", ["hydra.launcher.timeout_min=2"]),
-                                                      ("local", ["hydra.launcher.timeout_min=2"])])
+@pytest.mark.parametrize("launcher_name, overrides", [("submitit_local", ["hydra.launcher.timeout_min=2"])])
 class TestSubmititLauncher(LauncherTestSuite):
-    """Peer: TestSubmititLauncher, Hydra's LauncherTestSuite with `submitit_local` and `hydra.launcher.timeout_min=2`;
-    here with our own name `local` too. Jobs are submitit local processes, one per job (the peer submits an array
-    with map_array; ours submits each job, as the sweeper's slots do)."""
+    """Peer: TestSubmititLauncher, Hydra's LauncherTestSuite with `submitit_local` and `hydra.launcher.timeout_min=2`
+    (`local` is the same config under our own name: test_discovery composes both). Jobs are submitit local processes,
+    one per job (the peer submits an array with map_array; ours submits each job, as the sweeper's slots do)."""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task_launcher_cfg, extra_flags", [
     ({}, ["-m", "hydra/hydra_logging=disabled", "hydra/job_logging=disabled", f"hydra/launcher={name}",
           "hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=1"])
-    for name in ("submitit_local", "local")])
+    for name in ("submitit_local",)])
 class TestSubmititLauncherIntegration(IntegrationTestSuite):
     """Peer: TestSubmititLauncherIntegration, Hydra's IntegrationTestSuite (an app in a fresh interpreter) with the
-    peer's flags; here with our own name `local` too."""
+    peer's flags (`local` is the same config: test_discovery composes it)."""
 
 
 @pytest.mark.parametrize("python", [None, "/opt/venv/bin/python"])
