@@ -265,7 +265,7 @@ def build_report(study, folder: Path, storage_url: str, objective_names: list[st
     md += ["## Trials", "", markdown_table(header, rows), "",
            "## More", "", "- `make tb`: every trial's TensorBoard run (scalars per step, the HPARAMS view) and the "
            "study's own run (`<sweep>/study`: best value so far, trials per state).",
-           f"- `optuna-dashboard {storage_url}`: Optuna's live dashboard on the same storage "
+           f"- `optuna-dashboard {hide_password(storage_url)}`: Optuna's live dashboard on the same storage "
            "(`pip install optuna-dashboard`)."]
     markdown = folder / "report.md"
     tmp = folder / ".report.md.tmp"
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"study {study_name} ({storage_url})\n")
+    from sweeper.storage import hide_password
+
+    print(f"study {study_name} ({hide_password(storage_url)})\n")
     print(report.table)
     print(f"\nreport: {report.markdown}" + "".join(f"\n  plot: {p}" for p in report.plots.values())
           + "".join(f"\n  skipped {n}: {why}" for n, why in report.skipped.items()))

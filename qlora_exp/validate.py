@@ -3,6 +3,7 @@
 Every check raises `ConfigError(key, value, accepted)`: one line naming the key, the value and what
 would be accepted. `check_config` is pure apart from looking at the file system for data paths.
 """
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -13,6 +14,7 @@ from qlora_exp.packing import LAYOUTS
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
+QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
 LORA_BIAS = ("none", "all", "lora_only")
 TARGET_PRESETS = ("all_linear", "attention", "mlp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -37,6 +39,8 @@ def _number(key: str, value, *, low=None, low_open=False, high=None, high_open=F
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(key, value, kind)
+    if not math.isfinite(value):  # NaN passes every comparison below, inf most
+        raise ConfigError(key, value, f"a finite {kind.split(' ', 1)[1]}")
     rng = []
     if low is not None:
         rng.append(f"{'>' if low_open else '>='} {low}")
@@ -80,6 +84,8 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _one_of("quantization.method", q.method, QUANT_METHODS)
     _one_of("quantization.compute_dtype", q.compute_dtype, DTYPES)
     _one_of("quantization.upcast_frozen", q.get("upcast_frozen", False), (True, False))
+    if q.get("quant_storage") is not None:
+        _one_of("quantization.quant_storage", q.quant_storage, QUANT_STORAGE)
     # lora
     _number("lora.r", lora.r, low=1, integer=True)
     _number("lora.alpha", lora.alpha, low=0, low_open=True)
@@ -118,6 +124,9 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _number("trainer.epochs", tr.epochs, low=0, low_open=True)
     _number("trainer.max_length", tr.max_length, low=8, integer=True)
     _number("trainer.eval_every", tr.eval_every, low=1, integer=True)
+    _number("trainer.seed", tr.seed, low=0, high=2**32 - 1, integer=True)  # numpy's seed range
+    if tr.get("num_workers") is not None:
+        _number("trainer.num_workers", tr.num_workers, low=0, integer=True)
     _number("trainer.log_every", tr.log_every, low=1, integer=True)
     _one_of("trainer.precision", tr.precision, PRECISIONS)
     if tr.precision == "bf16" and not device.bf16:
@@ -141,6 +150,13 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     else:
         if not data.get("hub_name"):
             raise ConfigError("data.hub_name", data.get("hub_name"), "a dataset id on the Hugging Face hub")
+    if data.source == "jsonl" and data.eval_path is not None and Path(data.eval_path).resolve() == Path(
+            data.train_path).resolve():
+        raise ConfigError("data.eval_path", data.eval_path, "a file other than data.train_path (held-out rows), or "
+                          "null to hold out data.eval_fraction of the training file")
+    for key in ("max_train_rows", "max_eval_rows"):
+        if data.get(key) is not None:
+            _number(f"data.{key}", data[key], low=1, integer=True)
     if data.eval_path is None and data.source == "jsonl":
         _number("data.eval_fraction", data.eval_fraction, low=0, low_open=True, high=1, high_open=True)
     _one_of("objective", cfg.objective, OBJECTIVES)

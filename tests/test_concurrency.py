@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_four_drivers_share_one_study_of_40_trials(tmp_path, storage):
+def test_four_drivers_share_one_study_of_24_trials(tmp_path, storage):
     url = (f"journal:///{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/study.db")
     args = [sys.executable, str(TOY), "-m", "x=range(0,10)", "y=choice(0.0,0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0,4.5)",
             "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={url}",
-            "hydra.sweeper.n_trials=40", "hydra.sweeper.sampler.name=random", f"hydra.sweeper.study_dir={tmp_path}/runs"]
+            "hydra.sweeper.n_trials=24", "hydra.sweeper.sampler.name=random", f"hydra.sweeper.study_dir={tmp_path}/runs"]
     env = {**os.environ, "TOY_OUTPUT_ROOT": str(tmp_path / "out"), "PYTHONPATH": str(REPO)}
     drivers = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True) for _ in range(4)]
@@ -42,7 +42,7 @@ def test_four_drivers_share_one_study_of_40_trials(tmp_path, storage):
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # unique and gap-free
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 40 <= len(complete) <= 43 and len(complete) == len(trials)  # the total, nothing lost or failed
+    assert 24 <= len(complete) <= 27 and len(complete) == len(trials)  # the total, nothing lost or failed
     for t in complete:  # every result stored, and it is this trial's own
         assert t.value == pytest.approx((t.params["x"] - 3.3) ** 2 + t.params["y"])
     folders = {t.user_attrs["folder"] for t in complete}

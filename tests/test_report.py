@@ -129,3 +129,19 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["--storage", f"sqlite:///{tmp_path}/missing.db", "--study", "x"]) == 2
     assert not (tmp_path / "missing.db").exists()
     assert main(["--study", "x"]) == 2
+
+
+def test_report_masks_the_database_password(tmp_path, capsys, monkeypatch):
+    """A study on a team's database (postgresql://user:password@host/db): the report prints and writes the URL with
+    the password as ***, in its header line, in report.md's storage line and its optuna-dashboard hint. (The study
+    itself is a local one: this machine runs no database server here.)"""
+    import qlora_exp.report as report
+
+    local = make_study(tmp_path / "s.db", "live")
+    monkeypatch.setattr(report, "open_study", lambda url, name: optuna.load_study(study_name=name, storage=local))
+    url = "postgresql://qlora:s3cret-pw@db.lab.example/optuna"
+    assert main(["--storage", url, "--study", "live", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    written = (tmp_path / "out" / "report.md").read_text()
+    assert "s3cret-pw" not in printed.out + printed.err + written
+    assert "postgresql://qlora:***@db.lab.example/optuna" in printed.out and written.count("qlora:***@") == 2
