@@ -22,8 +22,7 @@ sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
 test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest
-	$(PYTHON) -m pytest -q -m "not slow"
-	$(PYTHON) -m pytest -q -m slow --durations=20
+	$(PYTHON) -m pytest -q --durations=20
 
 test-fast: ## Tests that start no trial and no driver (under a minute)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -187,3 +187,9 @@ def cli_in_process(args, cwd: Path, env=None) -> subprocess.CompletedProcess:
         os.environ.update(old_env)
         GlobalHydra.instance().clear()
     return subprocess.CompletedProcess(["qlora_exp", *args], code, out.getvalue(), err.getvalue())
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier first, then the slow one, in one process (one start-up of torch and transformers, not two): a
+    failure of a fast test shows within the first minute of `make test`."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: file order kept in each tier

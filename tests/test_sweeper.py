@@ -1,5 +1,4 @@
 """The Optuna sweeper end to end, through `python -m qlora_exp -m ...` on the embedded default."""
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from optuna.trial import TrialState
 from sweeper.naming import hydra_value
 from sweeper.policy import count_finished, stale_trials
 from sweeper.storage import build_storage
-from tests.conftest import FAST, ROWS, cli_in_process, read_metrics, run_cli, wait_for
+from tests.conftest import ROWS, cli_in_process, read_metrics, run_cli, wait_for
 
 
 def load_study(cwd: Path) -> optuna.Study:
@@ -163,22 +162,6 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, cache
     assert sorted(t.params["lora.r"] for t in after if t.state == TrialState.COMPLETE) == [4, 8]
     for n in finished:  # finished trials were not run again
         assert (sweep_dir(tmp_path) / str(n) / "metrics.json").stat().st_mtime == metrics_mtime[n]
-
-
-@pytest.mark.slow
-def test_multi_objective_reports_a_pareto_front(tmp_path, cache_dir):
-    args = ["-m", "lora.r=8,64", "hydra.sweeper.objectives=[eval_loss,trainable_params]",
-            "hydra.sweeper.direction=[minimize,minimize]", *FAST]
-    proc = run_cli(args, tmp_path, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = load_study(tmp_path)
-    assert len(study.directions) == 2 and all(len(t.values) == 2 for t in study.trials)
-    front = OmegaConf.load(sweep_dir(tmp_path) / "optimization_results.yaml").pareto_front
-    assert {p.number for p in front} == {t.number for t in study.best_trials}
-    assert front and all(t.state == TrialState.COMPLETE for t in study.trials)
-    for p in front:  # each objective is the trial's own metric, in the order named
-        m = json.loads((Path(p.folder) / "metrics.json").read_text())
-        assert p["values"] == [pytest.approx(m["eval_loss"]), m["trainable_params"]], (p["values"], m)
 
 
 def test_bad_sweeper_settings_are_one_line_errors(tmp_path):
