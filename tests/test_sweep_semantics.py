@@ -212,3 +212,24 @@ def test_the_same_study_in_another_sweep_folder_says_where_its_trials_are(tmp_pa
         value = json.loads((tmp_path / "first" / str(t.number) / "metrics.json").read_text())["value"]
         assert value == pytest.approx(t.value)
     assert not list((tmp_path / "second").glob("*/metrics.json"))
+
+
+def test_a_sweep_dir_in_the_apps_own_config_is_the_sweep_folder(tmp_path):
+    """`hydra.sweep.dir` written in the app's config (not on the command line) is used as the sweep folder, as
+    hydra-optuna-sweeper users expect; one with `${now:...}` is not (a timestamp would split a resumed study)."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "own_dir.yaml").write_text("defaults:\n  - config\n  - _self_\nhydra:\n  sweep:\n"
+                                       f"    dir: {tmp_path}/my_sweeps\n")
+    (conf / "timestamped.yaml").write_text("defaults:\n  - config\n  - _self_\nhydra:\n  sweep:\n"
+                                           f"    dir: {tmp_path}/stamped/${{now:%H-%M-%S}}\n")
+    args = [a for a in toy_args(tmp_path, "x=0,1") if not a.startswith(("hydra.sweeper.study_dir=",
+                                                                         "hydra.sweeper.study_name="))]
+    for name in ("own_dir", "timestamped"):
+        proc = subprocess.run([*args[:2], f"--config-dir={conf}", f"--config-name={name}", *args[2:],
+                               f"hydra.sweeper.study_name={name}", f"hydra.sweeper.study_dir={tmp_path}/studies"],
+                              cwd=tmp_path, env=toy_env(tmp_path), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.parent.name for p in (tmp_path / "my_sweeps").glob("*/metrics.json")) == ["0", "1"]
+    assert sorted(p.parent.name for p in (tmp_path / "studies" / "timestamped").glob("*/metrics.json")) == ["0", "1"]
+    assert not (tmp_path / "stamped").exists()
