@@ -125,8 +125,14 @@ class Loop:
         with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize": the
             warnings.filterwarnings("ignore", message="Heartbeat")  # loop records the heartbeats itself
             trial = study.ask(fixed_distributions=s.distributions)
-        if s.extender is not None:
-            s.extender(s.config, trial)  # hydra-optuna-sweeper's custom_search_space: suggests more parameters
+        if s.extender is not None:  # hydra-optuna-sweeper's custom_search_space: suggests more parameters
+            try:
+                s.extender(s.config, trial)
+            except Exception as e:  # noqa: BLE001  (the user's function: its error is one line, not a traceback)
+                reason = f"hydra.sweeper.custom_search_space={s.settings.custom_search_space} raised {type(e).__name__}: " \
+                         f"{' '.join(str(e).split())[:300]}"
+                fail(study, trial._trial_id, trial.number, reason)
+                raise SweepStopped(f"{reason} (trial {trial.number} is FAIL)") from None
         overrides = [*s.fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()), *s.trial_overrides,
                      f"hydra.sweep.dir={hydra_value(str(s.folder))}"]
         if s.run_name_key:

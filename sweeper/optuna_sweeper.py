@@ -76,7 +76,9 @@ class OptunaSweeperImpl:
         s.distributions, s.fixed = self._search_space(arguments)
         s.study_name = study_name(config, st.study_name, arguments, st.params, st.objectives)
         multi = len(st.directions) > 1
-        grid = grid_values(s.distributions) if is_grid(s.distributions) else None
+        s.extender = _method("custom_search_space", st.custom_search_space)
+        # a custom_search_space adds parameters of its own to each trial: no grid can enumerate those
+        grid = grid_values(s.distributions) if is_grid(s.distributions) and s.extender is None else None
         sampler_name, sampler = build_sampler(st.sampler, grid, multi, s.study_name)
         grid = grid if isinstance(sampler, optuna.samplers.GridSampler) else None
         pruner_name, pruner, s.pruner_spec = build_pruner(st.pruner, grid=grid is not None)
@@ -86,7 +88,6 @@ class OptunaSweeperImpl:
         s.pruning = not isinstance(pruner, optuna.pruners.NopPruner) and has_key(config, st.callbacks_key)
         if not s.pruning:  # nothing reports intermediate values: say so rather than name an idle pruner
             pruner_name, pruner = "none", optuna.pruners.NopPruner()
-        s.extender = _method("custom_search_space", st.custom_search_space)
         s.command = st.command or this_command()
         size = math.prod(map(len, grid.values())) if grid is not None else None
         s.target = st.n_trials if st.n_trials is not None else (size or 20)

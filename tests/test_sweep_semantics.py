@@ -233,3 +233,21 @@ def test_a_sweep_dir_in_the_apps_own_config_is_the_sweep_folder(tmp_path):
     assert sorted(p.parent.name for p in (tmp_path / "my_sweeps").glob("*/metrics.json")) == ["0", "1"]
     assert sorted(p.parent.name for p in (tmp_path / "studies" / "timestamped").glob("*/metrics.json")) == ["0", "1"]
     assert not (tmp_path / "stamped").exists()
+
+
+def broken_search_space(cfg, trial):
+    """A custom_search_space function with a bug (test_a_custom_search_space_that_raises_...)."""
+    trial.suggest_float("z", 0, 1)
+    raise KeyError("max_z_difference_from_x")
+
+
+def test_a_custom_search_space_that_raises_stops_the_sweep_in_one_line(tmp_path):
+    """The user's custom_search_space function raising: that trial FAIL with the error, the sweep stopped in one
+    line (exit 1), no traceback, no trial left RUNNING."""
+    proc = run_toy(tmp_path, "x=0,1", "hydra.sweeper.custom_search_space=tests.test_sweep_semantics.broken_search_space")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = own_lines(proc.stderr)
+    assert len(lines) == 1 and "custom_search_space=tests.test_sweep_semantics.broken_search_space raised KeyError" \
+        in lines[0], proc.stderr[-2000:]
+    (trial,) = study(tmp_path).trials
+    assert trial.state == TrialState.FAIL and "max_z_difference_from_x" in trial.user_attrs["fail_reason"]
