@@ -231,7 +231,7 @@ def app_trial_overrides(config: DictConfig) -> list[str]:
     kept = []
     for override in config.hydra.launcher.get("trial_overrides") or []:
         key = str(override).split("=", 1)[0]
-        if key.startswith(("+", "~")) or key in config.hydra.runtime.choices or _has_key(config, key):
+        if key.startswith(("+", "~")) or key in config.hydra.runtime.choices or config_has_key(config, key):
             kept.append(str(override))
         else:
             log.warning("hydra.launcher.trial_overrides: %s left out: this app's config has no %s", override, key)
@@ -241,7 +241,8 @@ def app_trial_overrides(config: DictConfig) -> list[str]:
 _ABSENT = object()
 
 
-def _has_key(config: DictConfig, key: str) -> bool:
+def config_has_key(config: DictConfig, key: str) -> bool:
+    """`key` is in the app's config (a `???` value counts: there, to be set)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 

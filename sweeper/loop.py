@@ -67,12 +67,12 @@ class Interrupts:
         os.write(2, line.encode())  # not print(): a handler may run in the middle of another print
 
 
-def finished_value(job) -> tuple[bool, Any]:
-    """(True, the task's return) when the job has written a successful result, without waiting for one."""
+def finished_value(path: Path | str | None) -> tuple[bool, Any]:
+    """(True, the task's return) when a job's result file (`job.paths.result_pickle`) holds a successful result,
+    without waiting for one."""
     from submitit.core.utils import pickle_load
 
-    path = job.paths.result_pickle
-    if not path.exists():
+    if not path or not Path(path).exists():
         return False, None
     try:
         outcome, value = pickle_load(path)
@@ -205,8 +205,7 @@ class Loop:
         queued once more."""
         s, study = self.s, self.s.study
         for t in stale_trials(study, s.settings.stale_after_s, mine=set(self.running)):
-            path = t.user_attrs.get("result_path")
-            done, value = _stored_result(path)
+            done, value = finished_value(t.user_attrs.get("result_path"))
             if done:
                 log.warning("trial %d: its driver stopped, but its job finished: completed from its result", t.number)
                 self.complete(t._trial_id, t.number, value, Path(t.user_attrs.get("folder", s.folder / str(t.number))))
@@ -219,7 +218,7 @@ class Loop:
         """Collect the trials that finished; cancel the others, collect any that finished meanwhile, and FAIL the
         rest as interrupted: each is queued again and none counts toward n_trials."""
         study = self.s.study
-        for number in [n for n, r in self.running.items() if r.job.done() or finished_value(r.job)[0]]:
+        for number in [n for n, r in self.running.items() if r.job.done() or finished_value(r.job.paths.result_pickle)[0]]:
             self.finish(self.running.pop(number))
         for r in self.running.values():
             r.job.cancel(check=False)
@@ -229,21 +228,13 @@ class Loop:
         while any(not r.job.done() for r in self.running.values()) and time.time() < deadline:
             time.sleep(0.2)
         for r in self.running.values():
-            done, value = finished_value(r.job)
+            done, value = finished_value(r.job.paths.result_pickle)
             if done:
                 self.complete(r.trial._trial_id, r.trial.number, value, r.folder)
             else:
                 fail(study, r.trial._trial_id, r.trial.number, "sweep interrupted (Ctrl-C or SIGTERM) while it ran",
                      interrupted=True)
         self.running.clear()
-
-
-def _stored_result(path: str | None) -> tuple[bool, Any]:
-    if not path:
-        return False, None
-    from types import SimpleNamespace
-
-    return finished_value(SimpleNamespace(paths=SimpleNamespace(result_pickle=Path(path))))
 
 
 def _tell(study, trial_id: int, **kwargs) -> None:

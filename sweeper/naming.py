@@ -68,10 +68,9 @@ def sweep_dir(config: DictConfig, study_dir: str, name: str) -> Path:
 
 def has_key(config: DictConfig, key: str | None) -> bool:
     """The app's config has `key` (qlora_exp's run_name and callbacks; another app may have neither)."""
-    return bool(key) and OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+    from sweeper.jobs import config_has_key
 
-
-_ABSENT = object()
+    return bool(key) and config_has_key(config, key)
 
 
 def this_command() -> str:
