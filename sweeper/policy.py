@@ -59,19 +59,18 @@ def beat(study, trial_ids) -> None:
     for trial_id in trial_ids:
         if _rdb_heartbeats(storage):
             storage.record_heartbeat(trial_id)
-        else:
-            storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+        storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())  # also read where RDB has no row yet
 
 
 def stale_trials(study, stale_after_s: float, mine: set[int]) -> list[FrozenTrial]:
     """RUNNING trials, not this driver's, whose driver has not beaten for `stale_after_s`."""
     storage, now = study._storage, time.time()
     running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in mine]
-    if _rdb_heartbeats(storage):
-        ids = set(storage._get_stale_trial_ids(study._study_id))
-        return [t for t in running if t._trial_id in ids]
-    return [t for t in running if now - t.system_attrs.get(HEARTBEAT, t.datetime_start.timestamp()
-                                                           if t.datetime_start else 0) >= stale_after_s]
+    ids = set(storage._get_stale_trial_ids(study._study_id)) if _rdb_heartbeats(storage) else set()
+    # a driver killed between study.ask and its first beat leaves a trial that Optuna's RDB heartbeats never call
+    # stale (no heartbeat row): its start, or the driver's own beat attribute, says how long it has been silent
+    return [t for t in running if t._trial_id in ids or now - t.system_attrs.get(
+        HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else 0) >= stale_after_s]
 
 
 def _rdb_heartbeats(storage) -> bool:
