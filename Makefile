@@ -4,7 +4,7 @@ SEARCH ?= rank_alpha_lr
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep grid test test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down clean
+.PHONY: help install train sweep grid test test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ slurm-up: ## Start the local one-node SLURM used by the tests
 
 slurm-down: ## Stop the local SLURM
 	bash scripts/slurm/down.sh
+
+db-up: ## Start PostgreSQL (127.0.0.1:5433) and MariaDB (:3308) for the database tests; URLs in /tmp/qlora-db/urls.env
+	bash scripts/db/up.sh
+
+db-down: ## Stop the test databases (scripts/db/down.sh --purge also deletes them)
+	bash scripts/db/down.sh
 
 clean: ## Remove outputs (runs, sweeps, studies, caches)
 	rm -rf outputs/* .pytest_cache

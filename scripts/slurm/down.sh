@@ -19,39 +19,10 @@ for a in "$@"; do
   esac
 done
 
-t_start=$(date +%s%N)
-elapsed() { awk -v a="$t_start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }'; }
-say() { echo "[slurm-down $(elapsed)s] $*"; }
-failed=0
-
-# alive PID: the process exists and is not a zombie (a killed daemon waits to be reaped by init).
-alive() { kill -0 "$1" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]; }
-
-# read_pid PIDFILE COMM: print the pid if it is alive and its command name is COMM.
-read_pid() {
-  local pid
-  [[ -s "$1" ]] || return 1
-  pid="$(tr -dc '0-9' <"$1")"
-  [[ -n "$pid" ]] && alive "$pid" && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]] && echo "$pid"
-}
-
-# stop_pid NAME PID SECONDS: SIGTERM, wait up to SECONDS, then SIGKILL (and wait up to 5 s more).
-stop_pid() {
-  local name="$1" pid="$2" secs="$3" i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < secs * 4; i++)); do
-    alive "$pid" || { say "$name (pid $pid) stopped"; return 0; }
-    sleep 0.25
-  done
-  say "$name (pid $pid) did not stop in ${secs}s: SIGKILL"
-  kill -KILL "$pid" 2>/dev/null
-  for ((i = 0; i < 20; i++)); do
-    alive "$pid" || return 0
-    sleep 0.25
-  done
-  say "ERROR: $name (pid $pid) is still running"
-  failed=1
-}
+TAG=slurm-down
+DOWN_HINT=""
+# shellcheck source=../lib/services.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/services.sh"
 
 # stop NAME PIDFILE COMM SECONDS
 stop() {

@@ -24,47 +24,11 @@ DB_DIR="$DIR/mysql"; DB_DATA="$DB_DIR/data"; DB_SOCK="$DB_DIR/mysqld.sock"
 export SLURM_CONF="$ETC/slurm.conf"
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 
-t_start=$(date +%s%N)
-elapsed() { awk -v a="$t_start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }'; }
-say() { echo "[slurm-up $(elapsed)s] $*"; }
-
-# die MESSAGE [LOGFILE...]: print the message, the tail of each log given, and exit 1.
-die() {
-  local msg="$1"; shift
-  echo "[slurm-up] ERROR: $msg" >&2
-  local f
-  for f in "$@"; do
-    if [[ -s "$f" ]]; then
-      echo "----- last 30 lines of $f -----" >&2
-      tail -n 30 "$f" >&2
-    fi
-  done
-  echo "[slurm-up] bring-up FAILED after $(elapsed)s (logs under $LOG; scripts/slurm/down.sh stops what was started)" >&2
-  exit 1
-}
+TAG=slurm-up
+DOWN_HINT="logs under $LOG; scripts/slurm/down.sh stops what was started"
+# shellcheck source=../lib/services.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/services.sh"
 trap 'rc=$?; echo "[slurm-up] ERROR: command failed (rc=$rc) at line $LINENO: $BASH_COMMAND" >&2; exit $rc' ERR
-
-# wait_for SECONDS DESCRIPTION CMD...: poll CMD (every 0.25 s) until it succeeds; 1 on timeout.
-wait_for() {
-  local secs="$1" desc="$2"; shift 2
-  local end=$(( $(date +%s) + secs ))
-  until "$@" >/dev/null 2>&1; do
-    if (( $(date +%s) >= end )); then
-      echo "[slurm-up] timed out after ${secs}s waiting for: $desc" >&2
-      return 1
-    fi
-    sleep 0.25
-  done
-}
-
-# pid_alive PIDFILE COMM: the pid in PIDFILE is running (not a zombie) and its command name is COMM.
-pid_alive() {
-  local pid
-  [[ -s "$1" ]] || return 1
-  pid="$(tr -dc '0-9' <"$1")"
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]] \
-    && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
-}
 
 munge_ok() { timeout 10 munge -n 2>/dev/null | timeout 10 unmunge >/dev/null 2>&1; }
 db_ok() { timeout 10 mariadb-admin --no-defaults --socket="$DB_SOCK" -u root ping; }
