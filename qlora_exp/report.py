@@ -86,12 +86,19 @@ def open_study(storage_url: str, study_name: str):
         raise ReportError(f"no study database at {storage_url[len('sqlite:///'):]}")
     if storage_url.startswith("journal://") and not Path(storage_url[len("journal://"):]).is_file():
         raise ReportError(f"no study journal at {storage_url[len('journal://'):]}")
-    storage = build_storage(storage_url)
+    from sweeper.errors import SweeperConfigError
+    from sweeper.storage import storage_error
+
     try:
+        storage = build_storage(storage_url)
         return optuna.load_study(study_name=study_name, storage=storage)
+    except SweeperConfigError as e:  # a damaged journal, a password only the environment holds
+        raise ReportError(str(e)) from None
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
         raise ReportError(f"no study {study_name!r} in {hide_password(storage_url)}; it has: {', '.join(names) or 'none'}") from None
+    except Exception as e:  # noqa: BLE001  (a database that cannot be reached: sqlalchemy's and OS errors alike)
+        raise ReportError(str(storage_error(storage_url, e))) from None
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -297,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         study = open_study(storage_url, study_name)
         report = build_report(study, folder, storage_url, names)
     except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001  (storage_from_file: a password only the environment holds)
+        from sweeper.errors import SweeperConfigError
+
+        if not isinstance(e, SweeperConfigError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     from sweeper.storage import hide_password

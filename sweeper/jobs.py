@@ -26,6 +26,10 @@ class TrialJob:
     def __call__(self, overrides: list[str], job_num: int, singleton_state: dict) -> JobReturn:
         import submitit
 
+        if submitit.JobEnvironment().cluster == "local":  # a killed controller takes its trial with it
+            from sweeper.local_jobs import die_with_parent
+
+            die_with_parent()
         Singleton.set_state(singleton_state)
         setup_globals()
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))

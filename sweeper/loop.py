@@ -7,9 +7,12 @@ only the trials really cut short are FAIL, each queued again and never counted t
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import signal
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,7 +26,18 @@ from optuna.trial import TrialState
 from sweeper.jobs import job_result
 from sweeper.naming import hydra_value, short
 from sweeper.objective import ObjectiveError, objective_values
-from sweeper.policy import RETRY_ONCE, beat, count_finished, fail, failure_stop, stale_trials
+from sweeper.policy import (
+    DRIVER,
+    RETRY_ONCE,
+    beat,
+    count_finished,
+    driver_host,
+    fail,
+    failure_stop,
+    machine_fault,
+    stale_trials,
+    storage_fault,
+)
 from sweeper.results import write_results
 
 log = logging.getLogger("qlora_exp.sweeper")
@@ -39,10 +53,12 @@ class SweepInterrupted(Exception):
 
 @dataclass
 class Running:
-    trial: optuna.trial.Trial
+    trial: optuna.trial.Trial | optuna.trial.FrozenTrial  # what the loop reads of it: _trial_id and number
     job: Any
     folder: Path
     slot: int
+    since: float = 0.0  # when it was submitted (or taken over): a SLURM job pending long is said so
+    noted: float = 0.0
 
 
 class Interrupts:
@@ -68,8 +84,8 @@ class Interrupts:
 
 
 def finished_value(path: Path | str | None) -> tuple[bool, Any]:
-    """(True, the task's return) when a job's result file (`job.paths.result_pickle`) holds a successful result,
-    without waiting for one."""
+    """(True, what the job returned: Hydra's JobReturn for a trial) when a job's result file
+    (`job.paths.result_pickle`) holds a successful result, without waiting for one."""
     from submitit.core.utils import pickle_load
 
     if not path or not Path(path).exists():
@@ -85,46 +101,98 @@ class Loop:
     def __init__(self, sweep) -> None:
         self.s = sweep  # sweeper.optuna_sweeper.Sweep: settings, study, search space, executor
         self.running: dict[int, Running] = {}
+        self.stop: str | None = None  # why no more trials start: the running ones are still collected
+
+    def stopping(self, reason: str) -> None:
+        """No more trials start; those running are collected before the driver exits with `reason`."""
+        if self.stop is None:
+            self.stop = reason
+            if self.running:
+                log.warning("%s; waiting for the %d running trial(s) to end (Ctrl-C cancels them: they are queued "
+                            "again)", reason.removeprefix("sweep stopped: "), len(self.running))
 
     def run(self) -> int:
-        """Run trials until the study holds `target` finished ones; returns how many interrupts arrived."""
-        s, study = self.s, self.s.study
-        stop, last_beat, last_stale, written = None, 0.0, time.time(), False
+        """Run trials until the study holds `target` finished ones and none of its trials is left running anywhere
+        (another driver's are waited for until they end or go stale); returns how many interrupts arrived. A storage
+        that can no longer be written (disk full, the database gone) stops it in one line."""
         with Interrupts() as irq:
-            while not irq.count:
-                free = [n for n in range(s.settings.n_jobs) if n not in {r.slot for r in self.running.values()}]
-                while free and stop is None and not irq.count and count_finished(study) + len(
-                        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < s.target:
-                    r = self.launch(free.pop(0))  # a signal now only sets irq.count: the job is recorded first
-                    self.running[r.trial.number] = r
-                if not self.running:
-                    break
-                time.sleep(s.settings.poll_s)
-                for number in [n for n, r in self.running.items() if r.job.done()]:
-                    self.finish(self.running.pop(number))
-                    stop = stop or failure_stop(study, s.settings.max_failure_rate)
-                    write_results(study, s, len(self.running))
-                    written = not self.running
-                if time.time() - last_beat > s.settings.heartbeat_s:
-                    beat(study, [r.trial._trial_id for r in self.running.values()])
-                    last_beat = time.time()
-                if time.time() - last_stale > s.settings.stale_after_s / 2:  # another driver may have died since
-                    self.take_over_stale()
-                    last_stale = time.time()
-            if irq.count:
-                self.stop_interrupted()
-        if irq.count or not written:
-            write_results(study, s, 0)
-        if stop and not irq.count:
-            raise SweepStopped(stop)
+            try:
+                write_results(self.s.study, self.s, len(self.running))  # `sweeper.status` works from the start
+                self._run(irq)
+                if irq.count:
+                    self.stop_interrupted()
+                write_results(self.s.study, self.s, 0)
+            except Exception as e:  # noqa: BLE001  (only the storage's faults are caught: see storage_fault)
+                why = storage_fault(e)
+                if why is None:
+                    raise
+                cancelled = self.cancel_all()
+                raise SweepStopped(f"the study's storage can no longer be written ({why}): {cancelled} running "
+                                   "trial(s) cancelled; rerun the same command once it can: finished trials are "
+                                   "kept, and the cut ones are taken over then") from None
+        if self.stop and not irq.count:
+            raise SweepStopped(self.stop)
         return irq.count
 
+    def _run(self, irq: Interrupts) -> None:
+        s, study = self.s, self.s.study
+        last_beat, last_stale, last_note, waiting = 0.0, time.time(), time.time(), None
+        while not irq.count:
+            free = [n for n in range(s.settings.n_jobs) if n not in {r.slot for r in self.running.values()}]
+            while free and self.stop is None and not irq.count and count_finished(study) + len(
+                    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < s.target:
+                r = self.launch(free.pop(0))  # a signal now only sets irq.count: the job is recorded first
+                if r is None:  # not started: the grid's last points taken by other drivers, or a stop
+                    break
+                self.running[r.trial.number] = r
+            if not self.running:
+                others = [] if self.stop else [t.number for t in study.get_trials(deepcopy=False,
+                                                                                  states=(TrialState.RUNNING,))]
+                if not others:
+                    break
+                if others != waiting:  # never exit while a trial of the study is unaccounted for
+                    log.info("waiting for trial(s) %s of another driver to end (or go stale after %g s)",
+                             ", ".join(map(str, others)), s.settings.stale_after_s)
+                    waiting = others
+                time.sleep(max(s.settings.poll_s, 1.0))
+                self.take_over_stale()
+                continue
+            time.sleep(s.settings.poll_s)
+            for number in [n for n, r in self.running.items() if r.job.done()]:
+                self.finish(self.running.pop(number))
+                if stop := failure_stop(study, s.settings.max_failure_rate):
+                    self.stopping(stop)
+                write_results(study, s, len(self.running))
+            if time.time() - last_beat > s.settings.heartbeat_s:
+                ended = beat(study, [r.trial._trial_id for r in self.running.values()], s.driver)
+                for number in [n for n, r in self.running.items() if r.trial._trial_id in ended]:
+                    log.warning("trial %d was taken over by another driver of this study (this one was paused "
+                                "past stale_after_s): left to it", number)
+                    self.running.pop(number)
+                last_beat = time.time()
+            if s.kind == "slurm" and time.time() - last_note > min(s.settings.heartbeat_s, s.settings.pending_note_s):
+                self.note_pending()
+                last_note = time.time()
+            if time.time() - last_stale > s.settings.stale_after_s / 2:  # another driver may have died since
+                self.take_over_stale()
+                last_stale = time.time()
+
     # ---- one trial ------------------------------------------------------------------------------------------
-    def launch(self, slot: int) -> Running:
+    def launch(self, slot: int) -> Running | None:
         s, study = self.s, self.s.study
         with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize": the
             warnings.filterwarnings("ignore", message="Heartbeat")  # loop records the heartbeats itself
+            warnings.filterwarnings("ignore", message="`GridSampler` is re-evaluating")  # taken care of below
             trial = study.ask(fixed_distributions=s.distributions)
+        beat(study, [trial._trial_id], s.driver)  # whose trial it is, before anything else can stop this driver
+        if _claimed_by_another(study, trial, s.driver):
+            log.info("trial %d was taken from the queue by another driver at the same moment: left to it", trial.number)
+            return None
+        if isinstance(study.sampler, optuna.samplers.GridSampler) and _taken(study, trial):
+            study._storage.set_trial_user_attr(trial._trial_id, "duplicate", True)
+            fail(study, trial._trial_id, trial.number, "a grid point that another driver of this study took at the "
+                 "same moment: not run")
+            return None
         if s.extender is not None:  # hydra-optuna-sweeper's custom_search_space: suggests more parameters
             try:
                 s.extender(s.config, trial)
@@ -132,7 +200,8 @@ class Loop:
                 reason = f"hydra.sweeper.custom_search_space={s.settings.custom_search_space} raised {type(e).__name__}: " \
                          f"{' '.join(str(e).split())[:300]}"
                 fail(study, trial._trial_id, trial.number, reason)
-                raise SweepStopped(f"{reason} (trial {trial.number} is FAIL)") from None
+                self.stopping(f"{reason} (trial {trial.number} is FAIL)")
+                return None
         overrides = [*s.fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()), *s.trial_overrides,
                      f"hydra.sweep.dir={hydra_value(str(s.folder))}"]
         if s.run_name_key:
@@ -149,28 +218,44 @@ class Loop:
         if s.kind == "slurm":
             s.executor.update_parameters(name=f"{s.study_name}-{trial.number}")
         try:
-            job = s.executor.submit(s.job, overrides, trial.number, Singleton.get_state())
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal: it is in `e` below
+                job = s.executor.submit(s.job, overrides, trial.number, Singleton.get_state())
         except Exception as e:  # noqa: BLE001  (sbatch refusing the request, slurmctld down, fork failing)
             reason = " ".join(str(e).split())[:400]
             fail(study, trial._trial_id, trial.number, f"not submitted: {type(e).__name__}: {reason}", interrupted=True)
-            raise SweepStopped(f"trial {trial.number} could not be submitted ({type(e).__name__}: {reason}); it is "
-                               "queued again: rerun the same command to resume") from None
+            self.stopping(f"trial {trial.number} could not be submitted ({type(e).__name__}: {reason}); it is "
+                          "queued again: rerun the same command to resume")
+            return None
         folder = s.folder / str(trial.number)
-        for key, value in (("job_id", str(job.job_id)), ("folder", str(folder)), ("slot", slot),
-                           ("result_path", str(job.paths.result_pickle)),
+        try:
+            trial.set_user_attr("job_id", str(job.job_id))
+        except optuna.exceptions.UpdateFinishedTrialError:  # another driver took it over while this one was paused
+            job.cancel(check=False)
+            log.warning("trial %d was taken over by another driver while this one was paused: its job is cancelled",
+                        trial.number)
+            return None
+        for key, value in ( ("folder", str(folder)), ("slot", slot),
+                           ("result_path", str(job.paths.result_pickle)), ("job_kind", s.kind),
+                           ("job_folder", str(job.paths.folder)),
                            ("overrides", [o for o in overrides if not o.startswith(("+", "hydra.", f"{s.run_name_key}="))])):
             trial.set_user_attr(key, value)
-        beat(study, [trial._trial_id])
+        beat(study, [trial._trial_id], s.driver)
         log.info("trial %d started (slot %d, job %s): %s", trial.number, slot, job.job_id,
                  " ".join(f"{k}={short(v)}" for k, v in trial.params.items()))
-        return Running(trial, job, folder, slot)
+        return Running(trial, job, folder, slot, since=time.time())
 
     def finish(self, r: Running) -> None:
         study = self.s.study
         try:
-            value = job_result(r.job).return_value  # re-raises the trial's exception
+            value = task_value(job_result(r.job))  # re-raises the trial's exception
         except Exception as e:  # noqa: BLE001  (a trial's failure is data, not the sweep's)
-            fail(study, r.trial._trial_id, r.trial.number, _reason(e, r.job))
+            reason = _reason(e, r.job)
+            if fault := machine_fault(reason):  # the machine's, not the trial's: queued again, and the sweep stops
+                fail(study, r.trial._trial_id, r.trial.number, reason, interrupted=True)
+                self.stopping(f"trial {r.trial.number} stopped on a machine fault ({fault}); it is queued again: "
+                              "rerun the same command once it is mended")
+                return
+            fail(study, r.trial._trial_id, r.trial.number, reason)
             return
         self.complete(r.trial._trial_id, r.trial.number, value, r.folder)
 
@@ -201,18 +286,71 @@ class Loop:
 
     # ---- trials that did not end by themselves ----------------------------------------------------------------
     def take_over_stale(self) -> None:
-        """RUNNING trials of a stopped driver: completed from their result when their job finished, else FAIL and
-        queued once more."""
+        """RUNNING trials of a stopped driver (no heartbeat for `stale_after_s`, or gone from this host): completed
+        from their result when their job finished; watched to their end when their job still runs (a driver killed
+        alone leaves its trials training); else FAIL and queued once more."""
+        from sweeper.local_jobs import adopt_job
+
         s, study = self.s, self.s.study
         for t in stale_trials(study, s.settings.stale_after_s, mine=set(self.running)):
-            done, value = finished_value(t.user_attrs.get("result_path"))
+            folder = Path(t.user_attrs.get("folder", s.folder / str(t.number)))
+            done, ret = finished_value(t.user_attrs.get("result_path"))
+            job = None
+            here = s.kind == "slurm" or driver_host(t.system_attrs.get(DRIVER)) == socket.gethostname()
+            if not done and here and t.user_attrs.get("job_kind") == s.kind and t.user_attrs.get("job_id"):
+                job = adopt_job(s.kind, t.user_attrs.get("job_folder") or str(s.folder / ".submitit"),
+                                t.user_attrs["job_id"])
+                if job.done():  # ended meanwhile: its result, if it wrote one
+                    (done, ret), job = finished_value(t.user_attrs.get("result_path")), None
             if done:
                 log.warning("trial %d: its driver stopped, but its job finished: completed from its result", t.number)
-                self.complete(t._trial_id, t.number, value, Path(t.user_attrs.get("folder", s.folder / str(t.number))))
+                self.collect(t._trial_id, t.number, ret, folder)
                 continue
-            fail(study, t._trial_id, t.number, f"driver stopped: no heartbeat for {s.settings.stale_after_s:g} s or "
-                 "more, and no result from its job")
-            RETRY_ONCE(study, study._storage.get_trial(t._trial_id))
+            taken = {r.slot for r in self.running.values()}
+            if job is not None and len(self.running) < s.settings.n_jobs:
+                slot = t.user_attrs.get("slot")
+                slot = slot if slot in range(s.settings.n_jobs) and slot not in taken else min(
+                    set(range(s.settings.n_jobs)) - taken)
+                beat(study, [t._trial_id], s.driver)
+                self.running[t.number] = Running(t, job, folder, slot)
+                log.warning("trial %d: its driver stopped while its job %s still runs: watched here to its end, "
+                            "not run again", t.number, t.user_attrs["job_id"])
+            elif job is None and fail(study, t._trial_id, t.number, "driver stopped: no heartbeat for "
+                                      f"{s.settings.stale_after_s:g} s or more, and no result from its job",
+                                      orphaned=True):
+                RETRY_ONCE(study, study._storage.get_trial(t._trial_id))
+            # else: every slot busy: watched once one is free (it stays stale, nothing is lost)
+
+    def collect(self, trial_id: int, number: int, ret: Any, folder: Path) -> None:
+        """Tell the study what a finished job returned (read from its result file, not from the job's handle)."""
+        try:
+            value = task_value(ret)  # re-raises the trial's exception
+        except Exception as e:  # noqa: BLE001
+            fail(self.s.study, trial_id, number, _reason(e, None))
+            return
+        self.complete(trial_id, number, value, folder)
+
+    def cancel_all(self) -> int:
+        """Cancel every running job (the storage can no longer be written: nothing is told)."""
+        n = len(self.running)
+        for r in self.running.values():
+            try:
+                r.job.cancel(check=False)
+            except Exception:  # noqa: BLE001  (a scheduler that cannot be reached either)
+                pass
+        self.running.clear()
+        return n
+
+    def note_pending(self) -> None:
+        """A SLURM job pending for over `pending_note_s`: say so, with SLURM's reason, every five minutes."""
+        now = time.time()
+        for r in self.running.values():
+            if now - r.since > self.s.settings.pending_note_s and now - r.noted > 300 and str(
+                    r.job.state).startswith("PENDING"):
+                r.noted = now
+                log.warning("trial %d: SLURM job %s has been PENDING for %.0f s (reason: %s): it waits for the "
+                            "cluster; scancel it or Ctrl-C the sweep to stop", r.trial.number, r.job.job_id,
+                            now - r.since, _pending_reason(r.job.job_id))
 
     def stop_interrupted(self) -> None:
         """Collect the trials that finished; cancel the others, collect any that finished meanwhile, and FAIL the
@@ -228,13 +366,67 @@ class Loop:
         while any(not r.job.done() for r in self.running.values()) and time.time() < deadline:
             time.sleep(0.2)
         for r in self.running.values():
-            done, value = finished_value(r.job.paths.result_pickle)
+            done, ret = finished_value(r.job.paths.result_pickle)
             if done:
-                self.complete(r.trial._trial_id, r.trial.number, value, r.folder)
+                self.collect(r.trial._trial_id, r.trial.number, ret, r.folder)
             else:
                 fail(study, r.trial._trial_id, r.trial.number, "sweep interrupted (Ctrl-C or SIGTERM) while it ran",
                      interrupted=True)
         self.running.clear()
+
+
+def task_value(ret: Any) -> Any:
+    """What the task returned, from Hydra's JobReturn (or a plain value); a failed task's exception is raised, without
+    the "Error executing job with overrides: [...]" line JobReturn.return_value prints for it (the loop gives the
+    failure its one line, and the overrides may hold what the terminal should not show)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    if not isinstance(ret, JobReturn):
+        return ret
+    if ret.status != JobStatus.COMPLETED:
+        raise ret._return_value
+    return ret._return_value
+
+
+def _pending_reason(job_id: str) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%r"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or "unknown"
+
+
+def _claimed_by_another(study, trial, driver: str) -> bool:
+    """A queued trial (a retry) that two drivers took from the queue at once: SQLite lets both see it WAITING and
+    both set it RUNNING. Each writes its id, waits a moment, and reads it back: the last writer runs it."""
+    attrs = study._storage.get_trial(trial._trial_id).system_attrs
+    if "retry_history" not in attrs and "fixed_params" not in attrs:
+        return False  # a new trial: its number is its own
+    time.sleep(CLAIM_SETTLE_S)
+    return study._storage.get_trial(trial._trial_id).system_attrs.get(DRIVER) != driver
+
+
+CLAIM_SETTLE_S = 0.3
+
+
+def _taken(study, trial) -> bool:
+    """Another trial of the study, numbered before this one and not failed, has this trial's grid point: drivers
+    asking at the same moment can be given the same point (Optuna's GridSampler says so); the later one gives way.
+    An earlier trial whose point is not written yet (GridSampler writes it right after creating the trial) is
+    waited for, briefly."""
+    mine = study._storage.get_trial(trial._trial_id).system_attrs.get("grid_id")
+    deadline = time.time() + 2.0
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
+        if any(t.system_attrs.get("grid_id") == mine for t in earlier):
+            return True
+        if time.time() > deadline or not any("grid_id" not in t.system_attrs for t in earlier
+                                             if t.state == TrialState.RUNNING):
+            return False
+        time.sleep(0.05)
 
 
 def _tell(study, trial_id: int, **kwargs) -> None:

@@ -23,11 +23,11 @@ from sweeper.gpus import local_gpus, share_cpu_threads
 from sweeper.jobs import TrialJob, app_trial_overrides, launcher_params, make_executor
 from sweeper.loop import Loop, SweepInterrupted
 from sweeper.naming import has_key, study_name, sweep_dir, this_command
-from sweeper.policy import count_finished
+from sweeper.policy import count_finished, register_driver
 from sweeper.samplers import build_pruner, build_sampler
 from sweeper.search_space import grid_values, is_grid, parse_search_space
 from sweeper.settings import Settings
-from sweeper.storage import build_storage, hide_password, storage_error, storage_for_trials
+from sweeper.storage import build_storage, hide_in_config, hide_password, storage_error, storage_for_trials
 
 log = logging.getLogger("qlora_exp.sweeper")
 
@@ -54,6 +54,7 @@ class Sweep:
     kind: str
     gpus: list[int]
     job: TrialJob
+    driver: str
 
 
 class OptunaSweeperImpl:
@@ -99,7 +100,11 @@ class OptunaSweeperImpl:
                     st.check)
         s.folder = sweep_dir(config, st.study_dir, s.study_name)  # a folder that cannot be written: before the study
         s.study, existed = self._study(s.study_name, sampler, pruner)
+        s.driver, later = register_driver(s.study)
+        if later is not None:  # not the study's first driver: a seed of its own, so parallel drivers explore
+            s.study.sampler = build_sampler(st.sampler, grid, multi, s.study_name, driver=later)[1]
         s.trial_storage = storage_for_trials(st.storage) if st.storage is not None else None
+        hide_in_config(config, st.storage)  # before multirun.yaml and any trial's config are written
         self._note_folder(s.study, existed, s.folder)
         log.info("%s study '%s' in %s: %d of %d trials finished; sampler %s, pruner %s, %d slot(s); folder %s",
                  "resumed" if existed else "created", s.study_name, hide_password(st.storage) or "memory",

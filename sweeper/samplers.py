@@ -49,6 +49,18 @@ def derived_seed(study_name: str) -> int:
     return int(hashlib.sha1(study_name.encode()).hexdigest()[:8], 16)
 
 
+# samplers whose drivers must share one seed: a grid's order, and QMC's scrambled sequence that the trials' numbers
+# index (each driver of a QMC study takes the next points of one sequence)
+SHARED_SEED = ("grid", "qmc")
+
+
+def driver_seed(seed: int, study_name: str, driver: str | None) -> int:
+    """The seed of one driver's sampler: the study's seed for its first driver (the same command suggests the same
+    trials), one derived from the study and the driver's id for every later or parallel driver (four drivers of one
+    random or TPE search explore four ways, and a resumed random search does not suggest its first points again)."""
+    return seed if driver is None else derived_seed(f"{study_name}/{seed}/{driver}")
+
+
 def _resolve(spec: dict | None, key: str, table: dict, default: str) -> tuple[str, type | None, dict]:
     """(name, class, kwargs) of a block; name "auto" has no class yet."""
     from hydra.utils import get_class
@@ -98,9 +110,10 @@ def _make(cls, args: tuple, kwargs: dict, key: str, spec):
                                  f"({' '.join(str(e).split())[:300]})") from None
 
 
-def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objective: bool, study_name: str = ""):
+def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objective: bool, study_name: str = "",
+                  driver: str | None = None):
     """(name, sampler). `auto`: a grid when every parameter is discrete, NSGA-II for several objectives, else TPE.
-    A null seed is derived from the study's name."""
+    A null seed is derived from the study's name; `driver` (not the study's first) gets a seed of its own."""
     name, cls, kwargs = _resolve(spec, "sampler", SAMPLERS, "auto")
     if cls is None:
         name = "grid" if grid is not None else ("nsgaii" if multi_objective else "tpe")
@@ -108,6 +121,8 @@ def build_sampler(spec: dict | None, grid: dict[str, list] | None, multi_objecti
     kwargs = _own_kwargs(kwargs, cls, SAMPLERS)
     if kwargs.get("seed", None) is None and "seed" in inspect.signature(cls).parameters:
         kwargs["seed"] = derived_seed(study_name)
+    if kwargs.get("seed") is not None and name not in SHARED_SEED:
+        kwargs["seed"] = driver_seed(int(kwargs["seed"]), study_name, driver)
     if cls is optuna.samplers.GridSampler:
         if grid is None:
             raise SweeperConfigError("sampler", name, "tpe, random, ... : a grid needs every parameter "

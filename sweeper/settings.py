@@ -39,6 +39,7 @@ class Settings:
     run_name_key: str | None = "run_name"
     command: str | None = None
     poll_s: float = 0.2
+    pending_note_s: float = 60.0
 
     @property
     def directions(self) -> list[str]:
@@ -78,7 +79,7 @@ class Settings:
         if s.storage is not None and not isinstance(s.storage, str):
             raise SweeperConfigError("storage", s.storage, "sqlite:///path.db, journal:///path.log, a database URL "
                                      "or null (an in-memory study)")
-        for key in ("heartbeat_s", "stale_after_s", "poll_s"):
+        for key in ("heartbeat_s", "stale_after_s", "poll_s", "pending_note_s"):
             value = getattr(s, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 raise SweeperConfigError(key, value, "a number of seconds > 0")

@@ -12,7 +12,8 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from sweeper.storage import build_storage, storage_from_file
+from sweeper.errors import SweeperConfigError
+from sweeper.storage import build_storage, storage_error, storage_from_file
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -67,7 +68,13 @@ def main(argv=None) -> None:
     if not results_file.is_file():
         raise SystemExit(f"error: sweep={str(folder)!r} has no optimization_results.yaml: give a sweep folder")
     results = OmegaConf.load(results_file)
-    study = optuna.load_study(study_name=results.study_name, storage=build_storage(storage_from_file(results.storage)))
+    try:
+        study = optuna.load_study(study_name=results.study_name,
+                                  storage=build_storage(storage_from_file(results.storage)))
+    except SweeperConfigError as e:  # a damaged journal, a password only the environment holds
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # noqa: BLE001  (a database that cannot be reached: sqlalchemy's and OS errors alike)
+        raise SystemExit(f"error: {storage_error(results.storage, e)}") from None
     rows = trial_rows(study)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     print(f"study {results.study_name} ({results.storage}), target {results.n_trials} trials: "

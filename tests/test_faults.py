@@ -20,7 +20,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from tests.conftest import FAST, ROWS, cli_in_process, run_cli
+from tests.conftest import FAST, ROWS, cli_in_process, run_cli, wait_for
 
 SWEEP = ["-m", "lora.r=8,16"]
 RANKS = CategoricalDistribution([8, 16])
@@ -141,7 +141,7 @@ def test_journal_with_a_bad_line_is_refused_and_its_records_are_kept(tmp_path, g
     proc = cli_in_process([*SWEEP, f"hydra.sweeper.storage=journal:///{path}", "hydra.sweeper.study_name=recorded"],
                           tmp_path)
     line = one_line_error(proc, f"hydra.sweeper.storage='journal:///{path}' is not accepted: an Optuna journal whose "
-                                "every line is a whole record: line", "records before it are intact")
+                                "every line is a whole record that follows the ones before it: line", "records before it are intact")
     assert path.read_bytes() == good + garbage  # nothing appended after the garbage (that would lose the study)
     if not garbage.startswith(b"\x00"):  # Optuna itself reads past a bad last line
         assert recorded_values(JournalStorage(JournalFileBackend(str(path)))) == [0.5, 0.25]
@@ -149,6 +149,26 @@ def test_journal_with_a_bad_line_is_refused_and_its_records_are_kept(tmp_path, g
     assert cut == len(good)
     os.truncate(path, cut)
     assert recorded_values(JournalStorage(JournalFileBackend(str(path)))) == [0.5, 0.25]
+
+
+def test_journal_with_a_record_missing_in_the_middle_is_refused_and_left_as_it_was(tmp_path):
+    """Every line a whole JSON record, but one trial's creation is gone (a file cut and pasted, a bad sync): Optuna
+    would replay the later records onto the wrong trials (34 of 40 COMPLETE trials showed RUNNING without params,
+    and the next resume queued 34 retries). Checked record by record: one line naming the record, nothing written."""
+    path = tmp_path / "study.log"
+    record_study(JournalStorage(JournalFileBackend(str(path))), values=[i / 10 for i in range(10)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    creations = [i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4]
+    gone = creations[4]
+    damaged = b"".join(lines[:gone] + lines[gone + 1:])
+    path.write_bytes(damaged)
+    proc = cli_in_process([*SWEEP, f"hydra.sweeper.storage=journal:///{path}", "hydra.sweeper.study_name=recorded"],
+                          tmp_path)
+    line = one_line_error(proc, f"line {gone + 1} ", "names trial id 4, which no earlier record created",
+                          f"the {gone} records before it are intact")
+    assert path.read_bytes() == damaged
+    cut = int(re.search(r"truncate -s (\d+) ", line).group(1))
+    assert cut == sum(map(len, lines[:gone]))
 
 
 # ---- output and TensorBoard folders ------------------------------------------------------------------
@@ -210,18 +230,32 @@ def test_trial_folder_on_a_full_disk_is_one_line_in_a_single_run(tmp_path, tmpfs
 
 
 @pytest.mark.slow
-def test_tensorboard_folder_filling_during_a_sweep_fails_that_trial_with_its_reason(tmp_path, tmpfs, cache_dir):
+def test_a_disk_filling_during_a_sweep_queues_the_trial_again_and_the_rerun_trains_it(tmp_path, tmpfs, cache_dir):
+    """The TensorBoard folder's disk fills while a trial trains: no failure of its parameters. The trial is FAIL
+    with its reason and queued again (WAITING, never counted), the sweep stops in one line, what was recorded
+    stays; once space is freed, the same command trains that point (it used to report the grid finished without it)."""
     db = f"sqlite:///{tmp_path}/outputs/optuna.db"
     (tmp_path / "outputs").mkdir()
     record_study(db)
     tb = tmpfs(tmp_path / "tb", size="4k")  # room for the first few events only
-    proc = run_cli(["-m", "lora.r=choice(8)", f"paths.tensorboard_root={tb}", *FAST], tmp_path, cache_dir, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", "lora.r=choice(8)", f"paths.tensorboard_root={tb}", *FAST]
+    proc = run_cli(args, tmp_path, cache_dir, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert "stopped on a machine fault (No space left on device); it is queued again" in lines[0], lines
     (name,) = [n for n in optuna.get_all_study_names(db) if n != "recorded"]
-    (trial,) = optuna.load_study(study_name=name, storage=db).trials
-    assert trial.state == TrialState.FAIL and "No space left on device" in trial.user_attrs["fail_reason"]
-    metrics = json.loads((Path(trial.user_attrs["folder"]) / "metrics.json").read_text())
+    first, retry = optuna.load_study(study_name=name, storage=db).trials
+    assert first.state == TrialState.FAIL and "No space left on device" in first.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING and retry.params == first.params
+    metrics = json.loads((Path(first.user_attrs["folder"]) / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "No space left on device" in metrics["error"]
+    assert recorded_values(db) == [0.5, 0.25]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tb)], check=True, capture_output=True)  # space freed
+    proc = run_cli(args, tmp_path, cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name=name, storage=db).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert recorded_values(db) == [0.5, 0.25]
 
 
@@ -265,3 +299,51 @@ def test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_re
     left = subprocess.run(["pgrep", "-f", f"submitit.* {tmp_path}/outputs/multirun/stopped/"], capture_output=True,
                           text=True).stdout.split()
     assert not left, f"trial processes left running: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_the_study_disk_filling_mid_sweep_is_one_line_and_the_rerun_finishes_the_grid(tmp_path, tmpfs, kind):
+    """The disk under the study's journal or SQLite file fills while a sweep runs: the driver cancels its running
+    trial and stops in one line (no traceback), the study stays readable (a failed journal append is cut back, not
+    left torn), and once space is freed the same command finishes the grid without training a finished point again."""
+    from sweeper.storage import build_storage
+    from tests.test_sweep_semantics import TOY, toy_env
+
+    disk = tmpfs(tmp_path / "studydisk", size="2m")
+    url = f"journal:///{disk}/study.log" if kind == "journal" else f"sqlite:///{disk}/study.db"
+    runs_log = tmp_path / "runs.jsonl"
+    args = [sys.executable, str(TOY), "-m", "x=0,1,2,3", "sleep_s=1.5", f"hydra.sweeper.storage={url}",
+            f"hydra.sweeper.study_dir={tmp_path}/runs", "hydra.sweeper.study_name=toy", f"runs_log={runs_log}"]
+
+    def complete() -> list:
+        trials = optuna.load_study(study_name="toy", storage=build_storage(url)).trials
+        return [t.params["x"] for t in trials if t.state == TrialState.COMPLETE]
+
+    driver = subprocess.Popen(args, cwd=tmp_path, env=toy_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(complete()) >= 1, timeout=60, what="a finished trial",
+                 errors=(KeyError, ValueError, OSError, *_db_errors()))
+        fill(disk)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    own = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+    assert driver.returncode == 1 and "Traceback" not in err + out, err[-3000:]
+    assert len(own) == 1 and own[0].startswith("error: the study's storage can no longer be written ("), own
+    (disk / "filler").unlink()
+    done = complete()  # readable as it was left
+    assert done
+    proc = subprocess.run(args, cwd=tmp_path, env=toy_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(complete()) == [0, 1, 2, 3]
+    trained = [json.loads(line)["x"] for line in runs_log.read_text().splitlines()]
+    assert all(trained.count(x) == 1 for x in done), trained  # finished before the fault: trained once
+
+
+def _db_errors() -> tuple:
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.OperationalError,)

@@ -230,3 +230,108 @@ def test_peer_example_app_on_slurm_through_hydras_basic_sweeper(tmp_path):
         sbatch = (sweep / ".submitit" / job_id / f"{job_id}_submission.sh").read_text()
         assert "--ntasks-per-node" not in sbatch and "--job-name=my_app" in sbatch and str(wrapper) in sbatch, sbatch
         wait_for(lambda job_id=job_id: sacct_state(job_id) == "COMPLETED", timeout=60, what=f"job {job_id} COMPLETED")
+
+
+TOY = REPO / "tests" / "toy_app" / "app.py"
+TOY_SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
+             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5"]
+
+
+def toy_sweep(tmp_path: Path, *args: str, path_prefix: Path | None = None, **popen) -> subprocess.Popen:
+    """The instant toy app (tests/toy_app) as a sweep of SLURM jobs, its study a journal under tmp_path."""
+    env = {**os.environ, "TOY_OUTPUT_ROOT": str(tmp_path / "out"), "PYTHONPATH": str(REPO)}
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}:{env['PATH']}"
+    return subprocess.Popen([sys.executable, str(TOY), "-m", *TOY_SLURM,
+                             f"hydra.sweeper.storage=journal:///{tmp_path}/study.log",
+                             f"hydra.sweeper.study_dir={tmp_path}/runs", "hydra.sweeper.study_name=toy",
+                             f"runs_log={tmp_path}/runs.jsonl", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+
+def toy_study(tmp_path: Path) -> optuna.Study:
+    from sweeper.storage import build_storage
+
+    return optuna.load_study(study_name="toy", storage=build_storage(f"journal:///{tmp_path}/study.log"))
+
+
+def ended(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the driver did not end in {timeout} s: {proc.communicate()[1][-3000:]}") from None
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+
+
+def test_slurmctld_down_at_the_next_submission_is_one_line_and_the_rerun_finishes(tmp_path):
+    """The controller stops answering between two submissions (sbatch: "Unable to contact slurm controller"): the
+    running trial is still collected, the trial that could not be submitted is queued again (WAITING, not a FAIL
+    of its parameters), the driver exits 1 in one line; the same command, once SLURM answers, trains the rest."""
+    flag, shim = tmp_path / "controller-down", tmp_path / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text(
+        f'#!/bin/sh\nif [ -e {flag} ]; then\n  echo "sbatch: error: Batch job submission failed: Unable to contact '
+        f'slurm controller (connect failure)" >&2\n  exit 1\nfi\nexec {shutil.which("sbatch")} "$@"\n')
+    (shim / "sbatch").chmod(0o755)
+    driver = toy_sweep(tmp_path, "x=0,1", "sleep_s=3", path_prefix=shim)
+    try:
+        wait_for(lambda: any(t.user_attrs.get("job_id") for t in toy_study(tmp_path).trials), timeout=120,
+                 what="the first trial submitted")
+        flag.touch()
+        out, err = ended(driver)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 1 and "Traceback" not in out + err, err[-3000:]
+    (line,) = error_lines(err)
+    assert "could not be submitted" in line and "Unable to contact slurm controller" in line, line
+    first, cut, retry = toy_study(tmp_path).trials
+    assert first.state == TrialState.COMPLETE
+    assert cut.state == TrialState.FAIL and cut.user_attrs["interrupted"] and "not submitted" in cut.user_attrs[
+        "fail_reason"]
+    assert retry.state == TrialState.WAITING and retry.params == cut.params
+    flag.unlink()
+    out, err = ended(toy_sweep(tmp_path, "x=0,1", "sleep_s=3", path_prefix=shim))
+    trials = toy_study(tmp_path).trials
+    assert sorted(t.params["x"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1], err[-3000:]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2  # each point trained once
+
+
+def test_a_request_sbatch_refuses_is_one_line_with_the_trial_queued_again(tmp_path):
+    """sbatch refuses the request (more memory than any node has): one line naming SLURM's reason, exit 1, the
+    trial queued again rather than left RUNNING with no job."""
+    out, err = ended(toy_sweep(tmp_path, "x=0,1", "hydra.launcher.mem_gb=100000"))
+    assert "Traceback" not in out + err, err[-3000:]
+    (line,) = error_lines(err)
+    assert line.startswith("error: trial 0 could not be submitted") and "sbatch" in line.lower(), line
+    cut, retry = toy_study(tmp_path).trials
+    assert cut.state == TrialState.FAIL and cut.user_attrs["interrupted"]
+    assert retry.state == TrialState.WAITING
+
+
+def test_a_job_slurm_keeps_pending_is_said_so_with_its_reason(tmp_path):
+    """A trial whose job SLURM holds back (here: a begin time an hour away) is not silence: the driver says it is
+    PENDING, with SLURM's reason; Ctrl-C then cancels it and queues it again."""
+    driver = toy_sweep(tmp_path, "x=0", "hydra.sweeper.pending_note_s=2", "hydra.sweeper.heartbeat_s=1",
+                       "+hydra.launcher.additional_parameters.begin=now+3600")
+    try:
+        lines = []
+
+        def noted():
+            lines.append(driver.stdout.readline())
+            return "PENDING for" in lines[-1]
+        wait_for(noted, timeout=120, what="the pending note")
+        assert "reason: BeginTime" in lines[-1], lines[-1]
+        driver.send_signal(signal.SIGINT)
+        out, err = ended(driver)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    job_id = toy_study(tmp_path).trials[0].user_attrs["job_id"]
+    assert sacct_state(job_id).startswith("CANCELLED") or not subprocess.run(
+        ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()

@@ -17,6 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 def main(cfg):
     value = (cfg.x - 3.3) ** 2 + cfg.y
     out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.runs_log:  # one line per training started: a point trained twice shows twice
+        with open(cfg.runs_log, "a") as f:
+            f.write(json.dumps({"x": cfg.x, "y": cfg.y, "pid": os.getpid()}) + "\n")
     time.sleep(cfg.sleep_s + cfg.x * cfg.sleep_per_x)  # a trial that takes a while: interrupts land while it runs
     (out / "metrics.json").write_text(json.dumps({"value": value, "other": -value, "pid": os.getpid()}))
     return {"value": value, "pair": (value, -value), "dict": {"value": value, "other": -value},
