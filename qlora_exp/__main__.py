@@ -5,6 +5,7 @@ the trial itself is `qlora_exp.trial.run_trial`, a plain function of the config.
 """
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,10 +59,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = run_trial(cfg)
     except ConfigError as e:
-        log.debug("refused: %s", e)  # into the run's log file
+        log.debug("refused: %s", mask_passwords(str(e)))  # into the run's log file
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_passwords(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:
         # a full or read-only disk mid-trial: one line for a single run; a sweep's trial keeps the exception,
@@ -72,14 +73,16 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.debug("trial failed: %s", e, exc_info=True)
-        print(f"error: trial failed: {type(e).__name__}: {e} (trial folder {cfg.paths.output_dir}, TensorBoard run "
-              f"{cfg.paths.tensorboard_dir}; what they hold so far stays)", file=sys.stderr)
+        print(mask_passwords(f"error: trial failed: {type(e).__name__}: {e} (trial folder {cfg.paths.output_dir}, "
+                             f"TensorBoard run {cfg.paths.tensorboard_dir}; what they hold so far stays)"), file=sys.stderr)
         raise SystemExit(1) from None
     return result.objective
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Refuse `group=option` overrides naming an option conf/ does not have, in one line."""
+    """Refuse `group=option` overrides naming an option Hydra cannot find, in one line; an override Hydra's grammar
+    cannot read, in one line too. The options are Hydra's own: conf/, the plugins' groups and the command's
+    `hydra.searchpath` (a user's own `search=my_space` from their own folder)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -90,20 +93,60 @@ def check_group_choices(argv: list[str]) -> None:
             overrides += parser.parse_overrides([arg])
         except OverrideParseException as e:
             key, value = arg.split("=", 1)
-            lines = [x.strip() for x in str(e).splitlines()[1:] if x.strip() and not x.strip().startswith("See ")]
-            reason = lines[0] if lines else "not parseable"
-            raise ConfigError(key, value, f"Hydra's override grammar ({reason})") from None
+            raise ConfigError(key, value, f"Hydra's override grammar ({_grammar_reason(e, arg)})") from None
+    options = GroupOptions(argv)
     for o in overrides:
         key = o.get_key_element().lstrip("~+")
-        # conf/'s groups, and the sweeper's sampler and pruner groups (other hydra/* groups may come from plugins)
-        group = PLUGIN_CONF / key if key in ("hydra/sweeper/sampler", "hydra/sweeper/pruner") else CONF_DIR / key
-        if o.is_delete() or not group.is_dir() or (key.startswith("hydra") and not group.is_relative_to(PLUGIN_CONF)):
+        group = options(key)
+        if o.is_delete() or not group:
             continue
         values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.value()]
-        options = sorted(p.stem for p in group.glob("*.yaml"))
         for v in values:
-            if v not in (None, "null") and v not in options:
-                raise ConfigError(key, v, "one of " + ", ".join(options))
+            if v not in (None, "null") and v not in group:
+                raise ConfigError(key, v, "one of " + ", ".join(group))
+
+
+def _grammar_reason(e: Exception, arg: str) -> str:
+    """Hydra's reason, in a line: its first, unless that is the override again with a caret under a character."""
+    lines = [x for x in str(e).splitlines() if x.strip() and not x.strip().startswith("See ")]
+    if len(lines) >= 2 and lines[1].strip() == "^" and lines[0].endswith(arg):
+        at = len(lines[1].rstrip()) - 1 - (len(lines[0]) - len(arg)) - len(arg.split("=", 1)[0]) - 1
+        value = arg.split("=", 1)[1]
+        if 0 <= at < len(value):
+            return (f"{value[at]!r} at character {at + 1} of the value cannot stand there unquoted: quote the value, "
+                    "with a backslash before a quote inside it")
+    rest = [x.strip() for x in lines[1:] if x.strip() != "^"] or [x.strip() for x in lines[:1]]
+    return rest[0] if rest else "not parseable"
+
+
+class GroupOptions:
+    """`options(group)`: the sorted options of a config group as Hydra finds them for this command (its
+    `hydra.searchpath` included), or [] when `group` is no config group."""
+
+    def __init__(self, argv: list[str]):
+        from hydra._internal.utils import get_args_parser
+
+        args, _ = get_args_parser().parse_known_args(argv)
+        self.config_name = args.config_name or "config"
+        self.searchpath = [a for a in args.overrides if a.split("=", 1)[0] == "hydra.searchpath"]
+        self.cache: dict[str, list[str]] = {}
+
+    def __call__(self, group: str) -> list[str]:
+        if group not in self.cache:
+            self.cache[group] = self._ask_hydra(group) if group and "." not in group else []
+        return self.cache[group]
+
+    def _ask_hydra(self, group: str) -> list[str]:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qlora_exp"):
+                return sorted(GlobalHydra.instance().config_loader().get_group_options(
+                    group, config_name=self.config_name, overrides=self.searchpath))
+        except Exception as e:  # noqa: BLE001  (a search path Hydra cannot use: Hydra says so in its own words)
+            log.debug("options of %s not known: %s", group, e)
+            return []
 
 
 def check_command(argv: list[str]) -> None:
@@ -118,21 +161,27 @@ def check_command(argv: list[str]) -> None:
 
     from qlora_exp.data import load_rows
     from qlora_exp.device import DeviceInfo
-    from qlora_exp.validate import check_config
+    from qlora_exp.validate import check_config, check_lengths
 
     args, _ = get_args_parser().parse_known_args(argv)
     if any(getattr(args, k, None) for k in ("help", "hydra_help", "cfg", "shell_completion", "info", "config_path",
                                             "config_dir", "experimental_rerun")):
         return
     compose_args, swept = [], []
+    groups = GroupOptions(argv)
     for o in OverridesParser.create().parse_overrides(args.overrides):
         key = o.get_key_element()
         if not o.is_sweep_override():
             compose_args.append(o.input_line)
+        elif o.is_hydra_override():  # Hydra sweeps none of its own settings: a comma in a value, most likely
+            value = o.input_line.split("=", 1)[1]
+            raise ConfigError(key, value, "one value: Hydra's own settings are not swept, and a comma makes a sweep: "
+                              + ("write a comma in a URL as %2C, or quote the value ('a,b')" if "://" in value else
+                                 "quote a value that holds one ('a,b'), [a,b] for a list"))
         elif not args.multirun:
             raise ConfigError(key, o.input_line.split("=", 1)[1], "one value ([a,b] for a list, 'a,b' quoted for a "
                               "string), or add -m to sweep over it")
-        elif (CONF_DIR / key.lstrip("+~")).is_dir():  # a group: its first option, so its keys exist
+        elif groups(key.lstrip("+~")):  # a group: its first option, so its keys exist
             compose_args.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
         else:
             swept.append((key, o.input_line.split("=", 1)[1]))
@@ -147,7 +196,8 @@ def check_command(argv: list[str]) -> None:
     _check_interpolations(task)
     check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
     if task.data.source == "jsonl":
-        load_rows(task.data, task.trainer.seed)
+        train, evals = load_rows(task.data, task.trainer.seed)
+        check_lengths(task, train, evals)  # imports transformers: last, after every cheaper check
     folders = [("paths.output_root", task.paths.output_root), ("paths.tensorboard_root", task.paths.tensorboard_root)]
     if not args.multirun:
         folders.append(("hydra.run.dir", cfg.hydra.run.dir))
@@ -246,10 +296,26 @@ def cli() -> None:
             log.debug("command check skipped: %s", e)
     except ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
+            raise ConfigError(e.key, mask_passwords(str(e.value)), mask_passwords(e.accepted)) from None
+        print(f"error: {mask_passwords(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     main()  # pylint: disable=no-value-for-parameter
+
+
+# a database URL's password: `scheme://user:PASSWORD@host` (sqlalchemy's reading: up to the @; here the last one)
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)([^\s]*)@")
+
+
+def mask_passwords(text: str, argv: list[str] | None = None) -> str:
+    """`text` with every database password as ***: each one written in the command's arguments (`argv`, default
+    sys.argv), wherever it appears, whatever it holds (quotes, commas, spaces), and any `scheme://user:...@` form."""
+    secrets = set()
+    for arg in sys.argv[1:] if argv is None else argv:
+        for m in re.finditer(r"://[^\s:/@'\"]*:(.+)@", arg):
+            secrets |= {m.group(1), repr(m.group(1))[1:-1]}
+    for secret in sorted((x for x in secrets if x), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         learning_rate=opt.lr,
         weight_decay=opt.weight_decay,
         lr_scheduler_type=opt.scheduler,
+        lr_scheduler_kwargs=lr_scheduler_kwargs(opt, tr.max_steps),
         warmup_steps=opt.warmup,
         max_grad_norm=opt.max_grad_norm if opt.max_grad_norm is not None else 0.0,
         optim=optim,
@@ -86,3 +87,15 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
+
+
+def lr_scheduler_kwargs(opt: DictConfig, max_steps: int) -> dict:
+    """What the scheduler takes beyond warmup and the step count (transformers' `lr_scheduler_kwargs`): the final
+    lr of the *_min_lr schedulers, the decay steps of warmup_stable_decay; nothing for the others."""
+    from qlora_exp.validate import decay_steps
+
+    if opt.scheduler in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        return {"min_lr_rate": float(opt.min_lr_rate)}
+    if opt.scheduler == "warmup_stable_decay":
+        return {"num_decay_steps": decay_steps(opt.cooldown, max_steps)}
+    return {}

@@ -104,3 +104,58 @@ def load_rows(data: DictConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if next(iter(train[0])) != next(iter(evals[0])):
         raise ConfigError("data.eval_path", data.eval_path, "rows of the same kind as data.train_path")
     return train, evals
+
+
+def first_target(row: dict, tokenizer, assistant_only_loss: bool) -> int | None:
+    """How many leading tokens of `row` a trial must keep for the row to have a token to train on (None: none at any
+    length). trl cuts every row to `trainer.max_length` and drops one left with no target; a row's first token is
+    never a target (nothing precedes it). With assistant_only_loss a chat row's targets are its assistant tokens,
+    as the tokenizer's chat template marks them ({% generation %})."""
+    if "input_ids" in row:
+        return 2 if len(row["input_ids"]) >= 2 else None
+    if not assistant_only_loss:
+        return 2  # a chat template renders any row to more than one token
+    mask = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)["assistant_masks"]
+    return next((i + 1 for i, bit in enumerate(mask) if bit and i >= 1), None)
+
+
+def check_max_length(data: DictConfig, max_length: int, tokenizer, train: list[dict], evals: list[dict]) -> None:
+    """Refuse a `trainer.max_length` below which no training row (or no held-out row) keeps a token to train on
+    (evaluate): trl would drop them all, and the trial end in a traceback. Also refuse assistant_only_loss when the
+    tokenizer's chat template marks no assistant token. The rows with the shortest prompts (in characters) are
+    tokenized first: one of them usually settles it; only a refusal tokenizes every row."""
+    aol = bool(data.assistant_only_loss)
+    for rows, where, use in ((train, _source(data, "train"), "train on"), (evals, _source(data, "eval"), "evaluate")):
+        ordered = sorted(rows, key=_prompt_chars)
+        needs = [n for r in ordered[:64] if (n := first_target(r, tokenizer, aol)) is not None]
+        if any(n <= max_length for n in needs):
+            continue
+        needs += [n for r in ordered[64:] if (n := first_target(r, tokenizer, aol)) is not None]
+        if not needs and aol and "messages" in rows[0]:
+            raise ConfigError("data.assistant_only_loss", True, "false for this tokenizer: its chat template marks no "
+                              "assistant tokens ({% generation %}), so no row has a token to train on")
+        if not needs:
+            raise ConfigError(where, f"{len(rows)} rows", "rows of at least 2 tokens (a row's first token is never "
+                              f"a target): none of these has a token to {use}")
+        if min(needs) > max_length:
+            first = "assistant token (chat template included)" if aol and "messages" in rows[0] else "target token"
+            raise ConfigError("trainer.max_length", max_length, f"an integer >= {min(needs)} for these rows and this "
+                              f"tokenizer: shorter, every row of {where} is cut before its first {first}, "
+                              f"leaving nothing to {use}")
+
+
+def _prompt_chars(row: dict) -> int:
+    if "input_ids" in row:
+        return 0
+    msgs = row["messages"]
+    first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+    return sum(len(m["content"]) for m in msgs[:first])
+
+
+def _source(data: DictConfig, split: str) -> str:
+    if data.source == "hub":
+        return f"{data.hub_name} [{data.train_split if split == 'train' else data.eval_split}]"
+    if split == "train" or data.get("eval_path"):
+        return f"data.{split}_path"
+    return "the rows held out of data.train_path"

@@ -70,12 +70,27 @@ def _strings(obj):
             yield from _strings(v)
 
 
+def tokenizer_corpus(paths: DictConfig) -> Path:
+    """The rows a random-weight model's tokenizer is trained on: the shipped tiny_instruct training file."""
+    return Path(paths.data_dir) / "tiny_instruct" / "train.jsonl"
+
+
+def random_model_path(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -> Path:
+    """Where the random-weight model of `model_cfg.shape` is (or will be) built."""
+    shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
+    key = json.dumps([model_cfg.architecture, shape, model_cfg.seed, corpus_file.name], sort_keys=True)
+    return Path(cache_dir) / "models" / f"{model_cfg.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _is_built(path: Path) -> bool:
+    return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+
+
 def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -> Path:
     """Build (once) and return the folder of a random-weight model of `model_cfg.shape`."""
     shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
-    key = json.dumps([model_cfg.architecture, shape, model_cfg.seed, corpus_file.name], sort_keys=True)
-    path = Path(cache_dir) / "models" / f"{model_cfg.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+    path = random_model_path(model_cfg, cache_dir, corpus_file)
+    if _is_built(path):
         return path
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -111,10 +126,25 @@ def meta_model(model_cfg: DictConfig):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_tokenizer(source: str, model_cfg: DictConfig):
+def tokenizer_for_checks(model_cfg: DictConfig, cache_dir: str, corpus_file: Path):
+    """The tokenizer a trial of `model_cfg` will use, with no model built, loaded or downloaded: a built random
+    model's own, or one trained the same way (deterministic) in a temporary folder; a local folder's, or a hub
+    model's from the local hub cache (OSError when it is not there: the trial downloads it)."""
+    if model_cfg.random_init:
+        path = random_model_path(model_cfg, cache_dir, corpus_file)
+        if _is_built(path):
+            return load_tokenizer(str(path), model_cfg)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_tokenizer(Path(tmp), corpus_file, min(int(model_cfg.shape.vocab_size), 512))
+    return load_tokenizer(str(model_cfg.name_or_path), model_cfg, local_files_only=True)
+
+
+def load_tokenizer(source: str, model_cfg: DictConfig, local_files_only: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+    tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision, local_files_only=local_files_only,
                                         trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -139,13 +139,13 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
     from trl import SFTTrainer
 
     from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics, peak_memory_gb
-    from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, torch_dtype
+    from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, tokenizer_corpus, torch_dtype
+    from qlora_exp.validate import check_lengths
 
     # ---- base model, quantized --------------------------------------------------------------
     result.cpu_threads = torch.get_num_threads()
     m = cfg.model
-    source = str(random_model_dir(m, cfg.paths.cache_dir, Path(cfg.paths.data_dir) / "tiny_instruct" / "train.jsonl")
-                 ) if m.random_init else m.name_or_path
+    source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
     if device.cuda:  # after any random-weight build: peak memory is the trial's (load, train, eval), not the build's
         torch.cuda.reset_peak_memory_stats()
         budget = cfg.trainer.get("memory_budget_gb")
@@ -153,6 +153,7 @@ def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
     tokenizer = load_tokenizer(source, m)
+    check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
     compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
     quant = build_quantization_config(cfg.quantization, compute_dtype)
     dtype = torch_dtype(m.dtype, device.bf16) if quant is None else compute_dtype

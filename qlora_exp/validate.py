@@ -1,8 +1,10 @@
 """Check a composed config before any model or dataset is loaded.
 
 Every check raises `ConfigError(key, value, accepted)`: one line naming the key, the value and what
-would be accepted. `check_config` is pure apart from looking at the file system for data paths.
+would be accepted. `check_config` is pure apart from looking at the file system (data paths, a local model
+folder's config.json); `check_lengths` also tokenizes the rows, with the trial's tokenizer.
 """
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from qlora_exp.device import DeviceInfo
 from qlora_exp.errors import ConfigError
 from qlora_exp.packing import LAYOUTS
 
+log = logging.getLogger(__name__)
+_ABSENT = object()
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
@@ -20,8 +24,13 @@ TARGET_PRESETS = ("all_linear", "attention", "mlp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("jsonl", "hub")
 OBJECTIVES = ("eval_loss", "perplexity", "train_tokens_per_s", "peak_memory_gb", "wall_time_s")
+# transformers' SchedulerType, every one (tests/test_validation.py compares): the two *_min_lr ones take
+# optimizer.min_lr_rate, warmup_stable_decay optimizer.cooldown (qlora_exp.builders.lr_scheduler_kwargs); the rest need
+# nothing more. A name a newer transformers adds is refused until it is added here with what it needs.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+POLYNOMIAL_LR_END = 1e-7  # transformers' get_polynomial_decay_schedule_with_warmup default: lr must be above it
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
               "adamw_bnb_8bit", "paged_lion_32bit", "paged_lion_8bit", "lion_8bit", "lion_32bit",
               "adafactor", "sgd")
@@ -80,6 +89,8 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _one_of("model.dtype", m.dtype, DTYPES)
     if not isinstance(m.trust_remote_code, bool):
         raise ConfigError("model.trust_remote_code", m.trust_remote_code, "true or false")
+    if not m.random_init:
+        check_model_source(m)
     # quantization
     _one_of("quantization.method", q.method, QUANT_METHODS)
     _one_of("quantization.compute_dtype", q.compute_dtype, DTYPES)
@@ -98,6 +109,7 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _number("optimizer.weight_decay", opt.weight_decay, low=0)
     _one_of("optimizer.scheduler", opt.scheduler, SCHEDULERS)
     _number("optimizer.warmup", opt.warmup, low=0)
+    _check_scheduler(opt, tr.max_steps)
     if opt.max_grad_norm is not None:
         _number("optimizer.max_grad_norm", opt.max_grad_norm, low=0, low_open=True)
     # trainer
@@ -122,7 +134,8 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     if tr.max_steps == 0:
         raise ConfigError("trainer.max_steps", 0, "an integer >= 1, or -1 to train for trainer.epochs")
     _number("trainer.epochs", tr.epochs, low=0, low_open=True)
-    _number("trainer.max_length", tr.max_length, low=8, integer=True)
+    _number("trainer.max_length", tr.max_length, low=1, integer=True)  # the real floor needs the data and the
+    # tokenizer: check_max_length
     _number("trainer.eval_every", tr.eval_every, low=1, integer=True)
     _number("trainer.seed", tr.seed, low=0, high=2**32 - 1, integer=True)  # numpy's seed range
     if tr.get("num_workers") is not None:
@@ -162,6 +175,101 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _one_of("objective", cfg.objective, OBJECTIVES)
 
 
+def _check_scheduler(opt: DictConfig, max_steps) -> None:
+    """What the scheduler needs beyond its name: the final lr of the *_min_lr ones, the decay of warmup_stable_decay,
+    an lr above polynomial's end."""
+    if opt.get("min_lr_rate") is not None or "min_lr" in opt.scheduler:
+        _number("optimizer.min_lr_rate", opt.get("min_lr_rate"), low=0, high=1)
+    if opt.get("cooldown") is not None or opt.scheduler == "warmup_stable_decay":
+        _number("optimizer.cooldown", opt.get("cooldown"), low=0, low_open=True)
+    if opt.scheduler == "polynomial" and isinstance(opt.lr, (int, float)) and opt.lr <= POLYNOMIAL_LR_END:
+        raise ConfigError("optimizer.lr", opt.lr, f"a number > {POLYNOMIAL_LR_END} with optimizer.scheduler=polynomial "
+                          "(it decays to that lr), or another scheduler")
+    if opt.scheduler != "warmup_stable_decay" or not isinstance(max_steps, int):
+        return
+    if opt.cooldown < 1 and max_steps < 1:
+        raise ConfigError("optimizer.cooldown", opt.cooldown, "a number of steps (>= 1) when trainer.max_steps is -1 "
+                          "(a fraction of the steps needs trainer.max_steps)")
+    if max_steps >= 1:
+        warmup = int(opt.warmup) if opt.warmup >= 1 else math.ceil(opt.warmup * max_steps)  # as transformers counts
+        if decay_steps(opt.cooldown, max_steps) + warmup > max_steps:
+            raise ConfigError("optimizer.cooldown", opt.cooldown, f"at most {max_steps - warmup} steps, or that "
+                              f"fraction of trainer.max_steps={max_steps}: warmup ({warmup} steps) and cooldown fit in it")
+
+
+def decay_steps(cooldown: float, max_steps: int) -> int:
+    """`optimizer.cooldown` in steps: < 1 a fraction of the steps, >= 1 a number of steps (as `warmup`)."""
+    return int(cooldown) if cooldown >= 1 else max(1, math.ceil(cooldown * max_steps))
+
+
+def check_model_source(m: DictConfig) -> None:
+    """A local model folder: a config.json transformers can read without running the folder's own code, unless
+    `model.trust_remote_code=true` asks for that code (auto_map), which must then be in the folder. A hub id is
+    left to the hub (nothing is downloaded before the trial)."""
+    import json
+
+    name = str(m.name_or_path)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if name.startswith(("/", "./", "../", "~")) or folder.exists():
+            raise ConfigError("model.name_or_path", name, "an existing model folder (holding config.json) or a hub "
+                              "id such as meta-llama/Meta-Llama-3-8B")
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError("model.name_or_path", name, "a model folder holding a config.json (transformers' "
+                          "save_pretrained writes one)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError("model.name_or_path", name, f"a model folder whose config.json is JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("model.name_or_path", name, "a model folder whose config.json is a JSON object")
+    code = {f: sorted(d["auto_map"]) for f, d in (("config.json", config), ("tokenizer_config.json",
+            _json_or_empty(folder / "tokenizer_config.json"))) if isinstance(d.get("auto_map"), dict) and d["auto_map"]}
+    if code and not m.trust_remote_code:
+        names = "; ".join(f"{f}: {', '.join(keys)}" for f, keys in code.items())
+        raise ConfigError("model.name_or_path", name, f"a model folder without custom code, or set "
+                          f"model.trust_remote_code=true to run its code (its auto_map names code of its own: {names})")
+    if code:
+        missing = sorted({f"{ref.split('.', 1)[0]}.py" for f in code for ref in _auto_map_refs(folder, f)
+                          if "--" not in ref and not (folder / f"{ref.split('.', 1)[0]}.py").is_file()})
+        if missing:
+            raise ConfigError("model.name_or_path", name, f"a model folder holding the code its auto_map names "
+                              f"(missing: {', '.join(missing)})")
+        return
+    model_type = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import difflib
+
+        import transformers
+
+        near = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=3)
+        raise ConfigError("model.name_or_path", name, f"a model folder whose config.json model_type is one of the "
+                          f"{len(CONFIG_MAPPING_NAMES)} transformers {transformers.__version__} knows "
+                          f"({model_type!r} is not{'; nearest: ' + ', '.join(near) if near else ''}), or with "
+                          "auto_map naming its own code and model.trust_remote_code=true")
+
+
+def _json_or_empty(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _auto_map_refs(folder: Path, file: str) -> list[str]:
+    """`module.Class` references of an auto_map (a value may be a list: a slow and a fast tokenizer, or null)."""
+    refs = []
+    for v in _json_or_empty(folder / file).get("auto_map", {}).values():
+        refs += [r for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    return refs
+
+
 def optimizer_for_device(name: str, device: DeviceInfo) -> tuple[str, str | None]:
     """Paged and 8-bit bitsandbytes optimizers need CUDA: fall back to adamw_torch, with a warning."""
     if name in CUDA_ONLY_OPTIMIZERS and not device.cuda:
@@ -170,10 +278,37 @@ def optimizer_for_device(name: str, device: DeviceInfo) -> tuple[str, str | None
     return name, None
 
 
+def check_lengths(cfg: DictConfig, train: list[dict], evals: list[dict], tokenizer=_ABSENT) -> None:
+    """`trainer.max_length` against the rows as the trial's tokenizer renders them (qlora_exp.data.check_max_length),
+    when that tokenizer can be had with no model built and nothing downloaded (`tokenizer`: one already had, or None
+    when it cannot be); else the trial checks, once it has its tokenizer and before it loads its model."""
+    from qlora_exp.data import check_max_length
+
+    if tokenizer is _ABSENT:
+        tokenizer = trial_tokenizer(cfg)
+    if tokenizer is not None:
+        check_max_length(cfg.data, cfg.trainer.max_length, tokenizer, train, evals)
+
+
+def trial_tokenizer(cfg: DictConfig):
+    """The trial's tokenizer, or None when only the trial can have it (a hub tokenizer not in the local cache)."""
+    from qlora_exp.models import tokenizer_corpus, tokenizer_for_checks
+
+    try:
+        return tokenizer_for_checks(cfg.model, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))
+    except Exception as e:  # noqa: BLE001  (not cached, gated, a tokenizer only the trial's environment can load)
+        log.debug("max_length check left to the trial: %s", e)
+        return None
+
+
+_TRIAL_INPUTS: dict[str, tuple] = {}  # check_trial's rows and tokenizer, per model, data and paths config
+
+
 def check_trial(cfg: DictConfig) -> None:
     """The single-run checks on one point of a sweep (`hydra.sweeper.check`), run by the sweep driver on each choice
     and grid point, and both ends of each interval, before the first trial starts. Machine-specific checks (bf16,
-    fp16) wait for the trial's own machine, as `python -m qlora_exp`'s own check does."""
+    fp16) wait for the trial's own machine, as `python -m qlora_exp`'s own check does. With local data, also
+    trainer.max_length against the rows (check_lengths; rows and tokenizer read once per model and data)."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -182,3 +317,13 @@ def check_trial(cfg: DictConfig) -> None:
     OmegaConf.set_struct(task, False)
     task.paths.output_dir = str(Path(task.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
     check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
+    if task.data.source == "jsonl":  # max_length against the rows (a sweep over it, or over the data or the model)
+        import json
+
+        from qlora_exp.data import load_rows
+
+        key = json.dumps([OmegaConf.to_container(task[k], resolve=True) for k in ("model", "data", "paths")]
+                         + [task.trainer.seed], sort_keys=True, default=str)
+        if key not in _TRIAL_INPUTS:
+            _TRIAL_INPUTS[key] = (*load_rows(task.data, task.trainer.seed), trial_tokenizer(task))
+        check_lengths(task, *_TRIAL_INPUTS[key])

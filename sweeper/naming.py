@@ -16,7 +16,12 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]{0,127}")
 
 
 def hydra_value(v: Any) -> str:
-    """A Python value as a Hydra override value (strings quoted, dicts and lists in Hydra's syntax)."""
+    """A Python value as a Hydra override value (strings quoted, dicts and lists in Hydra's syntax), such that
+    Hydra's override parser gives back exactly `v`: `k={hydra_value(s)}` parses to the string `s`, whatever it holds.
+
+    In a quoted value Hydra un-escapes only backslashes that precede a quote (or the closing quote): a quote becomes
+    `\\'`, the backslashes right before a quote or at the end are doubled, every other backslash stays as it is
+    (`out\\dir` is `'out\\dir'`; doubling it would give the trial `out\\\\dir`, another folder)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
@@ -27,7 +32,10 @@ def hydra_value(v: Any) -> str:
         return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(hydra_value(x) for x in v) + "]"
-    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + _BEFORE_QUOTE.sub(lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(v)) + "'"
+
+
+_BEFORE_QUOTE = re.compile(r"(\\*)('|\Z)")  # backslashes (maybe none) before a quote or the string's end
 
 
 def short(v: Any) -> str:

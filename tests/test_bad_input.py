@@ -78,6 +78,70 @@ CASES = [
     ("max_eval_rows_zero", ["data.max_eval_rows=0"], "data.max_eval_rows", "=0 is not accepted: an integer >= 1"),
     ("eval_path_is_train_path", ["data=jsonl", "data.train_path={good}", "data.eval_path={good}"], "data.eval_path",
      "is not accepted: a file other than data.train_path (held-out rows)"),
+    ("max_grad_norm_nan", ["optimizer.max_grad_norm=nan"], "optimizer.max_grad_norm", "is not accepted: a finite number"),
+    ("epochs_inf", ["trainer.max_steps=-1", "trainer.epochs=inf"], "trainer.epochs", "=inf is not accepted: a finite"),
+    ("memory_budget_nan", ["trainer.memory_budget_gb=nan"], "trainer.memory_budget_gb", "is not accepted: a finite"),
+    ("eval_fraction_nan", ["data.eval_path=null", "data.eval_fraction=nan"], "data.eval_fraction",
+     "=nan is not accepted: a finite number"),
+    ("min_lr_rate_nan", ["optimizer.scheduler=cosine_with_min_lr", "optimizer.min_lr_rate=nan"], "optimizer.min_lr_rate",
+     "=nan is not accepted: a finite number"),
+    ("cooldown_inf", ["optimizer.scheduler=warmup_stable_decay", "optimizer.cooldown=inf"], "optimizer.cooldown",
+     "=inf is not accepted: a finite number"),
+    # trainer.max_length: below it trl cuts every row before its first assistant token and drops it (the chat
+    # template alone is 10 tokens of the tiny tokenizer, the shortest shipped prompt 3 more)
+    ("max_length_below_the_prompts", ["trainer.max_length=8"], "trainer.max_length",
+     "=8 is not accepted: an integer >= 14 for these rows and this tokenizer: shorter, every row of data.train_path "
+     "is cut before its first assistant token (chat template included), leaving nothing to train on"),
+    ("max_length_below_the_prompts_in_sweep", [*SWEEP, "trainer.max_length=13"], "trainer.max_length",
+     "=13 is not accepted: an integer >= 14"),
+    ("max_length_swept_below_the_prompts", ["-m", "trainer.max_length=8,128"], "trainer.max_length",
+     "=8 is not accepted: an integer >= 14 for these rows and this tokenizer: shorter, every row of data.train_path "
+     "is cut before its first assistant token (chat template included), leaving nothing to train on (a value of "
+     "this sweep, checked before any trial starts)"),
+    ("max_length_below_the_held_out_prompts", ["data=jsonl", "data.train_path={good}", "data.eval_path={long_prompt}",
+                                               "trainer.max_length=24"], "trainer.max_length",
+     "every row of data.eval_path is cut before its first assistant token (chat template included), leaving nothing "
+     "to evaluate"),
+    # schedulers: each gets what it needs, or is refused before the trial
+    ("scheduler_unknown", ["optimizer.scheduler=zigzag"], "optimizer.scheduler",
+     "'zigzag' is not accepted: one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+     "inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay, greedy"),
+    ("min_lr_rate_missing", ["optimizer.scheduler=cosine_with_min_lr", "optimizer.min_lr_rate=null"],
+     "optimizer.min_lr_rate", "=None is not accepted: a number"),
+    ("min_lr_rate_above_one", ["optimizer.scheduler=cosine_warmup_with_min_lr", "optimizer.min_lr_rate=2"],
+     "optimizer.min_lr_rate", "=2 is not accepted: a number >= 0 and <= 1"),
+    ("cooldown_fraction_with_epochs", ["optimizer.scheduler=warmup_stable_decay", "trainer.max_steps=-1"],
+     "optimizer.cooldown", "=0.2 is not accepted: a number of steps (>= 1) when trainer.max_steps is -1"),
+    ("cooldown_longer_than_training", ["optimizer.scheduler=warmup_stable_decay", "optimizer.cooldown=200"],
+     "optimizer.cooldown", "=200 is not accepted: at most 145 steps, or that fraction of trainer.max_steps=150"),
+    ("polynomial_lr_at_its_end", ["optimizer.scheduler=polynomial", "optimizer.lr=1e-7"], "optimizer.lr",
+     "is not accepted: a number > 1e-07 with optimizer.scheduler=polynomial"),
+    # a local model folder: transformers must read it without running its code, unless asked to
+    ("model_folder_with_its_own_code", ["model.random_init=false", "model.name_or_path={auto_map}"],
+     "model.name_or_path", "is not accepted: a model folder without custom code, or set model.trust_remote_code=true "
+     "to run its code (its auto_map names code of its own: config.json: AutoConfig, AutoModelForCausalLM)"),
+    ("model_folder_with_its_own_code_and_type", ["model.random_init=false", "model.name_or_path={auto_map_own_type}"],
+     "model.name_or_path", "set model.trust_remote_code=true to run its code"),
+    ("model_folder_with_its_own_tokenizer_code", ["model.random_init=false", "model.name_or_path={own_tokenizer}"],
+     "model.name_or_path", "set model.trust_remote_code=true to run its code (its auto_map names code of its own: "
+     "tokenizer_config.json: AutoTokenizer)"),
+    ("model_folder_of_unknown_type", ["model.random_init=false", "model.name_or_path={unknown_type}"],
+     "model.name_or_path", "is not accepted: a model folder whose config.json model_type is one of the"),
+    ("model_folder_code_missing", ["model.random_init=false", "model.name_or_path={auto_map}",
+                                   "model.trust_remote_code=true"], "model.name_or_path",
+     "is not accepted: a model folder holding the code its auto_map names (missing: configuration_tiny.py, "
+     "modeling_tiny.py)"),
+    ("model_folder_without_config", ["model.random_init=false", "model.name_or_path={no_config}"],
+     "model.name_or_path", "is not accepted: a model folder holding a config.json"),
+    ("model_folder_missing", ["model.random_init=false", "model.name_or_path=/no/such/model"], "model.name_or_path",
+     "'/no/such/model' is not accepted: an existing model folder (holding config.json) or a hub id"),
+    ("model_folder_with_its_own_code_in_sweep", [*SWEEP, "model.random_init=false", "model.name_or_path={auto_map}"],
+     "model.name_or_path", "set model.trust_remote_code=true to run its code"),
+    # Hydra's own settings are never swept: a comma in their value is one line, not Hydra's message
+    ("hydra_setting_swept", [*SWEEP, "hydra.sweeper.n_jobs=1,2"], "hydra.sweeper.n_jobs",
+     "is not accepted: one value: Hydra's own settings are not swept, and a comma makes a sweep"),
+    ("hydra_setting_with_a_comma", ["hydra.run.dir=out,b"], "hydra.run.dir",
+     "is not accepted: one value: Hydra's own settings are not swept"),
     # search grammar
     ("interval_reversed", ["-m", "optimizer.lr=interval(5,1)"], "optimizer.lr", "interval(5,1) has low > high; accepted:"),
     ("choice_empty", ["-m", "lora.r=choice()"], "lora.r", "'choice()' is not accepted: Hydra's override grammar"),
@@ -163,7 +227,30 @@ def data_files(tmp_path) -> dict[str, str]:
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in content))
     paths["not_json"] = tmp_path / "data" / "not_json.jsonl"
     paths["not_json"].write_text(json.dumps(good) + "\n{'instruction': 'single quotes are not JSON'}\n")
+    paths["long_prompt"] = tmp_path / "data" / "long_prompt.jsonl"
+    paths["long_prompt"].write_text(json.dumps({"instruction": "please " * 30 + "say hi", "response": "hi"}) + "\n")
+    own_code = {"auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                             "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
+    for name, changes in {"auto_map": own_code, "auto_map_own_type": {**own_code, "model_type": "tiny_own"},
+                          "unknown_type": {"model_type": "lama"}, "own_tokenizer": {}, "no_config": None}.items():
+        paths[name] = tiny_model_folder(tmp_path / "models" / name, changes)
+    (paths["own_tokenizer"] / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}}))
     return {k: str(v) for k, v in paths.items()}
+
+
+def tiny_model_folder(folder: Path, changes: dict | None) -> Path:
+    """A model folder as save_pretrained writes it, of the tiny model's config (conf/model/tiny.yaml), with
+    `changes` in its config.json (None: no config.json). No weights: the checks refuse it before loading any."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    folder.mkdir(parents=True)
+    if changes is not None:
+        tiny = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "tiny.yaml")
+        config = AutoConfig.for_model(tiny.architecture, **OmegaConf.to_container(tiny.shape)).to_dict()
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
 
 
 def assert_nothing_written(cwd: Path) -> None:
@@ -186,7 +273,8 @@ def assert_refused_in_one_line(proc, args, cwd: Path, key: str, accepted: str) -
 
 
 def with_files(args: list[str], data_files: dict[str, str]) -> list[str]:
-    return [a.format(**data_files) if a.startswith(("data.train_path=", "data.eval_path=")) else a for a in args]
+    return [a.format(**data_files) if a.startswith(("data.train_path=", "data.eval_path=", "model.name_or_path="))
+            else a for a in args]
 
 
 @pytest.mark.parametrize("args,key,accepted", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -200,12 +288,12 @@ def test_refused_in_one_line(tmp_path, data_files, args, key, accepted):
 # one of each place a refusal comes from: before Hydra, Hydra's composition, the sweeper, the search grammar,
 # the data files, the storage
 THROUGH_THE_SHELL = ["group_option", "unknown_key_in_sweep", "type_sweeper_int", "interval_reversed",
-                     "data_not_json_in_sweep", "storage_not_a_url"]
+                     "data_not_json_in_sweep", "storage_not_a_url", "max_length_below_the_prompts"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,key,accepted", [c[1:] for c in CASES if c[0] in THROUGH_THE_SHELL],
-                         ids=THROUGH_THE_SHELL)
+                         ids=[c[0] for c in CASES if c[0] in THROUGH_THE_SHELL])
 def test_refused_in_one_line_by_the_real_command(tmp_path, data_files, args, key, accepted):
     args = with_files(args, data_files)
     proc = run_cli(args, tmp_path, cache=tmp_path / "cache", timeout=120)

@@ -85,3 +85,76 @@ def test_storage_password_is_hidden_from_files_and_passed_to_trials_by_environme
     monkeypatch.setenv(STORAGE_ENV, journal)
     cb = OptunaPruningCallback(storage=None, study_name="s", trial_number=0)
     assert cb.trial.number == 0 and cb.study.study_name == "s"
+
+
+# ---- a database password in what the command prints ---------------------------------------------------------------
+PASSWORDS = ["pa'ss", "pa,ss", "p@ss'w,rd", "pa\"ss"]
+
+
+def _printed(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+@pytest.mark.parametrize("sweep", [True, False], ids=["sweep", "single"])
+def test_a_storage_password_is_in_no_line_the_command_prints(tmp_path, password, sweep):
+    """A quote in the password is a grammar error and a comma makes Hydra read a sweep (of Hydra's own settings,
+    which it refuses in a message of its own, the URL in it): each is one line here, the URL in it with *** for the
+    password, and what to do."""
+    from tests.conftest import cli_in_process
+
+    url = f"postgresql://u:{password}@127.0.0.1:1/db"
+    for env in ({}, {"HYDRA_FULL_ERROR": "1"}):
+        proc = cli_in_process([*(["-m", "lora.r=8"] if sweep else []), f"hydra.sweeper.storage={url}"], tmp_path,
+                              env=env)
+        lines = _printed(proc)
+        assert proc.returncode in (1, 2) and lines, proc
+        assert [line for line in lines if password in line or password.replace("'", "\\'") in line] == [], lines
+        if not env:
+            assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+                "error: hydra.sweeper.storage=") and "postgresql://u:***@127.0.0.1:1/db" in lines[0], lines
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_comma_in_a_storage_password_says_how_to_write_it(tmp_path):
+    from tests.conftest import cli_in_process
+
+    proc = cli_in_process(["-m", "lora.r=8", "hydra.sweeper.storage=postgresql://u:pa,ss@127.0.0.1:1/db"], tmp_path)
+    assert _printed(proc) == ["error: hydra.sweeper.storage='postgresql://u:***@127.0.0.1:1/db' is not accepted: one "
+                              "value: Hydra's own settings are not swept, and a comma makes a sweep: write a comma in "
+                              "a URL as %2C, or quote the value ('a,b')"]
+
+
+def test_mask_passwords_hides_every_form_of_a_url_password():
+    from qlora_exp.__main__ import mask_passwords
+
+    argv = ["hydra.sweeper.storage=postgresql://u:my secret@h/db"]
+    assert mask_passwords("x 'postgresql://u:my secret@h/db' and my secret again", argv) == \
+        "x 'postgresql://u:***@h/db' and *** again"
+    assert mask_passwords('"mysql://root:pa\'ss@db:3306/s"', []) == '"mysql://root:***@db:3306/s"'
+    for plain in ("sqlite:////tmp/optuna.db", "journal:///tmp/a.log", "see https://hydra.cc/docs for details"):
+        assert mask_passwords(plain, []) == plain
+
+
+@pytest.mark.slow
+def test_status_and_report_print_no_storage_password(tmp_path):
+    """A sweep folder of a study on a database with a password (not reachable here): sweeper.status and the report
+    say what is wrong without the password, with the URL in the environment and without it."""
+    import subprocess
+    import sys
+
+    from sweeper.storage import STORAGE_ENV, hide_password
+
+    url = "postgresql://optuna:DBs3cret,x'y@127.0.0.1:1/studies"
+    sweep = tmp_path / "outputs" / "multirun" / "s"
+    sweep.mkdir(parents=True)
+    (sweep / "optimization_results.yaml").write_text(f"name: s\nstudy_name: s\nstorage: '{hide_password(url)}'\n"
+                                                     "n_trials: 1\n")
+    assert "DBs3cret" not in hide_password(url)
+    for module in ("sweeper.status", "qlora_exp.report"):
+        for env in ({STORAGE_ENV: url}, {}):
+            proc = subprocess.run([sys.executable, "-m", module, str(sweep)], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=120, env={**{k: v for k, v in os.environ.items()
+                                                                  if k != STORAGE_ENV}, **env})
+            assert proc.returncode != 0 and (proc.stdout + proc.stderr).strip()
+            assert "DBs3cret" not in proc.stdout + proc.stderr, (module, env, proc.stderr[-2000:])

@@ -109,3 +109,98 @@ def test_cli_refuses_in_one_line_before_any_model_loads(tmp_path, args, needle):
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "cache").exists()  # no model was built or loaded
     assert not list(Path(tmp_path).rglob("metrics.json"))
+
+
+# ---- schedulers --------------------------------------------------------------------------------------------------
+def test_the_schedulers_accepted_are_transformers_own():
+    """Every SchedulerType of the installed transformers is accepted, and only those: a newer transformers' new one
+    shows here, to be given what it needs (qlora_exp.builders.lr_scheduler_kwargs) or left refused."""
+    from transformers import SchedulerType
+
+    from qlora_exp.validate import SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                       "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
+                                       "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                                       "greedy"])
+def test_every_accepted_scheduler_is_built_by_transformers_with_what_the_config_gives_it(make_cfg, scheduler):
+    """The scheduler a trial's Trainer makes (transformers' get_scheduler, with our lr_scheduler_kwargs), stepped
+    through the trial's steps: the *_min_lr ones end at optimizer.min_lr_rate x lr, warmup_stable_decay decays over
+    the last optimizer.cooldown of the steps."""
+    import torch
+    from transformers import get_scheduler
+
+    from qlora_exp.builders import lr_scheduler_kwargs
+
+    cfg = make_cfg(f"optimizer.scheduler={scheduler}", "optimizer.lr=1e-3", "trainer.max_steps=20",
+                   "optimizer.warmup=2")
+    check_config(cfg, CPU)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_scheduler(scheduler, opt, num_warmup_steps=2, num_training_steps=20,
+                          scheduler_specific_kwargs=lr_scheduler_kwargs(cfg.optimizer, cfg.trainer.max_steps))
+    lrs = []
+    for _ in range(20):
+        opt.step()
+        sched.step(1.0) if scheduler in ("reduce_lr_on_plateau", "greedy") else sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    if scheduler in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        floor = 1e-3 * cfg.optimizer.min_lr_rate  # never below it, and there (within a step) at the end
+        assert min(lrs[2:]) >= floor * (1 - 1e-9) and lrs[-1] == pytest.approx(floor, rel=0.1)
+    if scheduler == "warmup_stable_decay":  # 2 warmup steps, 14 stable, then 4 (0.2 x 20) decaying to 0
+        assert lrs[1:16] == [pytest.approx(1e-3)] * 15 and 0 < lrs[16] < 1e-3 and lrs[-1] == pytest.approx(0)
+
+
+def test_nan_and_inf_are_refused_for_every_number_the_checks_read(make_cfg, monkeypatch):
+    """The keys come from the checks themselves: every key check_config passes to its number check (on a config
+    that reaches the optional ones) is tried with nan, inf and -inf."""
+    import qlora_exp.validate as validate
+
+    seen = {}
+    real = validate._number
+    monkeypatch.setattr(validate, "_number", lambda key, value, **kw: (seen.setdefault(key, kw), real(key, value, **kw)))
+    everything = ["trainer.memory_budget_gb=40", "trainer.micro_batch_size=4", "trainer.checkpointed_layers=2",
+                  "trainer.num_workers=1", "data.eval_path=null", "data.max_train_rows=100", "data.max_eval_rows=10",
+                  "optimizer.scheduler=warmup_stable_decay"]
+    check_config(make_cfg(*everything), OLD_GPU)
+    assert {"optimizer.lr", "optimizer.min_lr_rate", "optimizer.cooldown", "data.eval_fraction",
+            "trainer.memory_budget_gb"} <= seen.keys() and len(seen) >= 20
+    for key, kw in seen.items():
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError) as e:
+                check_config(make_cfg(*everything, f"{key}={bad}"), OLD_GPU)
+            assert e.value.key == key, (key, bad, str(e.value))
+            assert ("an integer" if kw.get("integer") else "a finite number") in str(e.value), str(e.value)
+
+
+# ---- a local model folder ------------------------------------------------------------------------------------------
+def test_a_model_folder_with_its_own_code_runs_only_when_trusted_and_complete(make_cfg, tmp_path):
+    from tests.test_bad_input import tiny_model_folder
+
+    own = {"auto_map": {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM":
+                        "modeling_tiny.TinyForCausalLM"}, "model_type": "tiny_own"}
+    folder = tiny_model_folder(tmp_path / "own", own)
+    args = ["model.random_init=false", f"model.name_or_path={folder}"]
+    with pytest.raises(ConfigError, match=r"set model.trust_remote_code=true to run its code"):
+        check_config(make_cfg(*args), CPU)
+    for module in ("configuration_tiny.py", "modeling_tiny.py"):
+        (folder / module).write_text("# the folder's own code\n")
+    check_config(make_cfg(*args, "model.trust_remote_code=true"), CPU)  # asked for, and there: accepted
+    hub_code = tiny_model_folder(tmp_path / "hub_code", {"auto_map": {"AutoConfig": "org/repo--configuration.Config"}})
+    check_config(make_cfg("model.random_init=false", f"model.name_or_path={hub_code}", "model.trust_remote_code=true"),
+                 CPU)  # code in another repository: transformers fetches it, nothing to look for here
+    plain = tiny_model_folder(tmp_path / "plain", {})
+    check_config(make_cfg("model.random_init=false", f"model.name_or_path={plain}"), CPU)
+
+
+def test_rows_too_short_to_train_on_at_any_length(make_cfg, tmp_path):
+    from qlora_exp.data import check_max_length
+
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": [i]}) + "\n" for i in range(4)))
+    cfg = make_cfg("data=jsonl", f"data.train_path={path}", "data.assistant_only_loss=false")
+    train, evals = load_rows(cfg.data, seed=0)
+    with pytest.raises(ConfigError, match=r"rows of at least 2 tokens"):
+        check_max_length(cfg.data, 128, None, train, evals)
