@@ -294,14 +294,17 @@ class Loop:
         s, study = self.s, self.s.study
         for t in stale_trials(study, s.settings.stale_after_s, mine=set(self.running)):
             folder = Path(t.user_attrs.get("folder", s.folder / str(t.number)))
-            done, ret = finished_value(t.user_attrs.get("result_path"))
             job = None
             here = s.kind == "slurm" or driver_host(t.system_attrs.get(DRIVER)) == socket.gethostname()
-            if not done and here and t.user_attrs.get("job_kind") == s.kind and t.user_attrs.get("job_id"):
+            if here and t.user_attrs.get("job_kind", s.kind) == s.kind and t.user_attrs.get("job_id"):
+                # the job id is the first thing written after a submission: the rest may be missing
                 job = adopt_job(s.kind, t.user_attrs.get("job_folder") or str(s.folder / ".submitit"),
                                 t.user_attrs["job_id"])
-                if job.done():  # ended meanwhile: its result, if it wrote one
-                    (done, ret), job = finished_value(t.user_attrs.get("result_path")), None
+            result = t.user_attrs.get("result_path") or (job.paths.result_pickle if job is not None else None)
+            done, ret = finished_value(result)
+            if not done and job is not None and job.done():  # ended meanwhile: its result, if it wrote one
+                (done, ret), job = finished_value(result), None
+            job = None if done else job
             if done:
                 log.warning("trial %d: its driver stopped, but its job finished: completed from its result", t.number)
                 self.collect(t._trial_id, t.number, ret, folder)
