@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -180,7 +181,8 @@ def test_two_interrupts_in_a_row_lose_nothing_and_never_use_up_n_trials(tmp_path
         try:
             wait_for(lambda: len(study(tmp_path).get_trials(states=(TrialState.RUNNING,))) == 2 if (
                 tmp_path / "study.db").exists() and optuna.get_all_study_names(f"sqlite:///{tmp_path}/study.db")
-                else False, timeout=60, what="two trials running")
+                else False, timeout=60, what="two trials running",
+                errors=(FileNotFoundError, ValueError, KeyError, sqlalchemy.exc.SQLAlchemyError))  # tables being made
             time.sleep(1.5)  # their processes started
             driver.send_signal(signal.SIGINT)
             time.sleep(0.02)
