@@ -42,10 +42,12 @@ def build_lora_config(lora: DictConfig, target_modules: list[str]):
 
 
 def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: str, use_cpu: bool,
-                     micro_batch_size: int, grad_accum: int, checkpointing: bool):
+                     micro_batch_size: int, grad_accum: int, checkpointing: bool, prepared: bool = False):
     """The trainer arguments. transformers 5: a float `warmup_steps` below 1 is a ratio. The split of a step
     into micro-batches and the checkpointing come resolved (qlora_exp.memory). Packing is not trl's (which
-    re-cuts the dataset into full rows): the trial gives the trainer a PackedBatchCollator (qlora_exp.packing)."""
+    re-cuts the dataset into full rows): the trial gives the trainer a PackedBatchCollator (qlora_exp.packing).
+    `prepared`: the datasets come tokenized and truncated by an earlier trial's trainer of this process (the same
+    data, tokenizer and max_length), so trl's preparation is skipped."""
     from trl import SFTConfig
 
     tr, opt = cfg.trainer, cfg.optimizer
@@ -86,6 +88,7 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         dataloader_num_workers=tr.num_workers,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
+        dataset_kwargs={"skip_prepare_dataset": True} if prepared else None,
     )
 
 

@@ -58,11 +58,17 @@ def peak_memory_gb() -> tuple[float, str]:
 
 
 class TrialMetrics(TrainerCallback):
-    """Times optimizer steps (evaluation excluded), counts real tokens, keeps the eval and loss histories."""
+    """Times optimizer steps (evaluation excluded) and the training loop (its evaluations included), counts real
+    tokens, keeps the eval and loss histories; `ready_at`, `first_step_at`: when training began and its first step
+    did (epoch seconds), for the start-up a trial spends before them."""
 
     WARMUP_STEPS = 3  # left out of the steady rate: first kernels, allocator growth, paged-optimizer set-up
 
     def __init__(self):
+        self.ready_at: float | None = None
+        self.first_step_at: float | None = None
+        self.loop_time = 0.0
+        self._loop_t = None
         self.train_time = 0.0
         self.eval_history: list[tuple[int, float]] = []
         self.loss_history: list[tuple[int, float]] = []
@@ -70,7 +76,16 @@ class TrialMetrics(TrainerCallback):
         self._t = None
         self._tokens = 0
 
+    def on_train_begin(self, args, state, control, **kw):
+        self.ready_at, self._loop_t = time.time(), time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        if self._loop_t is not None:
+            self.loop_time = time.perf_counter() - self._loop_t
+
     def on_step_begin(self, args, state, control, **kw):
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         self._t = time.perf_counter()
         self._tokens = state.num_input_tokens_seen
 

@@ -123,3 +123,15 @@ def _plan(cfg, m, n, per_step, layers, fused, budget, why) -> Plan:
     return Plan(m, per_step // m, n > 0, None if n in (0, layers) else n, est, budget,
                 f"memory plan for {why}: micro-batch {m} x {per_step // m} accumulation, checkpointing {ckpt} "
                 f"(estimated peak {est:.1f} GiB)")
+
+
+def trial_peak_gb(cfg: DictConfig) -> float:
+    """A trial's estimated peak GiB as its config splits each step (the sweeper's slots_per_gpu=auto): the memory
+    plan's choice when something is auto, else the configured micro-batch and checkpointing."""
+    tr = cfg.trainer
+    micro = tr.get("micro_batch_size")
+    micro = tr.batch_size if micro in (None, "auto") else int(micro)
+    layers = cfg.model.shape.num_hidden_layers
+    ckpt = tr.gradient_checkpointing
+    n = 0 if ckpt in (False, "auto") else (layers if tr.get("checkpointed_layers") is None else tr.checkpointed_layers)
+    return estimate_gb(cfg, micro, n, fused=False)

@@ -3,30 +3,20 @@
     result = run_trial(cfg)          # cfg: the composed Hydra config (conf/config.yaml)
     result.objective                 # the value a sweeper minimizes (cfg.objective)
 
-Steps, top to bottom: check the config and read the data (no model yet), build or locate the base
-model, load it quantized through BitsAndBytesConfig, prepare it for k-bit training, attach LoRA,
-train with trl's SFTTrainer, evaluate, save the adapter (safetensors) and `metrics.json`.
-Raises `ConfigError` for bad input before any model is loaded; any other failure is recorded in
-`metrics.json` as status "failed" with its reason, then re-raised.
+The phases are qlora_exp.recipe's: plan (the config checked, every decision resolved; no model yet), build base
+(the tokenizer, the base quantized through BitsAndBytesConfig and prepared for k-bit training), attach adapter
+(LoRA), train (trl's SFTTrainer, with evaluations), collect (the adapter as safetensors, `metrics.json`).
+Raises `ConfigError` for bad input before any model is loaded; any other failure is recorded in `metrics.json` as
+status "failed" with its reason, then re-raised. `TrialResult` is output only: what metrics.json holds.
 """
 import json
 import logging
-import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-
-from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
-from qlora_exp.data import load_rows
-from qlora_exp.device import probe_device
-from qlora_exp.kernels import apply_fused_kernels, resolve_fused_kernels
-from qlora_exp.memory import plan_memory
-from qlora_exp.packing import PackedBatchCollator, layout_for
-from qlora_exp.validate import check_config, optimizer_for_device, resolve_target_modules
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +58,14 @@ class TrialResult:
     cuda_visible_devices: str | None = None  # the GPUs this trial's process was given
     cpu_threads: int | None = None        # torch's intra-op threads (OMP_NUM_THREADS; a SLURM trial: its cpus_per_task)
     slurm_job_id: str | None = None
+    train_loop_s: float | None = None     # the training loop's wall time, its evaluations included
+    started_at: float | None = None       # epoch seconds: the trial's start in its process (after Hydra composed it)
+    process_started_at: float | None = None  # its process's start: a cold trial's imports lie between the two
+    ready_at: float | None = None         # training began (model, adapter, data and trainer ready)
+    first_step_at: float | None = None    # its first optimizer step began (after the evaluation at step 0)
+    trial_in_process: int | None = None   # 1: the first trial of its process (cold); 2, 3, ...: on a warm worker
+    warm_base: bool | None = None         # the base was already loaded in this process (a sweep worker's)
+    base_load_s: float | None = None      # building and loading the base (0 when warm)
     error: str | None = None
 
     def write(self, path: Path) -> None:
@@ -75,52 +73,48 @@ class TrialResult:
 
 
 def run_trial(cfg: DictConfig) -> TrialResult:
+    """The recipe's phases (qlora_exp.recipe): plan, build base, attach adapter, train, collect. In a sweep worker
+    the base (and the tokenized rows) of the previous trial are reused when this trial's are the same."""
+    from qlora_exp import recipe
+
     start = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    # ---- checks and data: nothing heavy is loaded before these pass ---------------------------
-    # before CUDA's allocator starts: segments that grow in place keep reserved memory close to allocated,
-    # which the memory budget's cap (set_per_process_memory_fraction) counts
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    device = probe_device()
-    check_config(cfg, device)
-    target_modules = resolve_target_modules(cfg)
-    optim, fallback_note = optimizer_for_device(cfg.optimizer.name, device)
-    if fallback_note:
-        warnings.warn(fallback_note, stacklevel=1)
-        log.warning(fallback_note)
-    precision = resolve_precision(cfg.trainer.precision, device)
-    fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
-    plan = plan_memory(cfg, device, fused)
-    train_rows, eval_rows = load_rows(cfg.data, cfg.trainer.seed)
+    plan = recipe.plan_trial(cfg)  # ConfigError here: nothing heavy is loaded before the checks pass
+    recipe.note_plan(plan)
+    train_rows, eval_rows = recipe.rows_for(cfg, plan)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
-             len(eval_rows), precision, device.name, optim)
-
-    tr = cfg.trainer
-    micro = plan.micro_batch_size if plan else (tr.get("micro_batch_size") or tr.batch_size)
-    result = TrialResult(status="failed", objective=None, optimizer=optim, precision=precision, device=device.name,
-                         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                         slurm_job_id=os.environ.get("SLURM_JOB_ID"), micro_batch_size=micro,
-                         grad_accum=plan.grad_accum if plan else tr.batch_size * tr.grad_accum // micro,
-                         gradient_checkpointing=plan.gradient_checkpointing if plan else bool(tr.gradient_checkpointing),
-                         checkpointed_layers=plan.checkpointed_layers if plan else tr.get("checkpointed_layers"),
-                         packing=layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing else "off",
-                         fused_kernels=fused_note, memory_plan=plan.note if plan else None)
-    for note in (f"fused kernels: {fused_note}", plan and plan.note):
-        if note:
-            log.info(note)
+             len(eval_rows), plan.precision, plan.device.name, plan.optimizer)
+    result = TrialResult(status="failed", objective=None, optimizer=plan.optimizer, precision=plan.precision,
+                         device=plan.device.name, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         slurm_job_id=os.environ.get("SLURM_JOB_ID"), micro_batch_size=plan.micro_batch_size,
+                         grad_accum=plan.grad_accum, gradient_checkpointing=plan.gradient_checkpointing,
+                         checkpointed_layers=plan.checkpointed_layers, packing=plan.packing,
+                         fused_kernels=plan.fused_note, memory_plan=plan.memory_note, started_at=round(start, 3),
+                         process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1)
     from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers
 
     board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"))
+    base = model = None
     try:
-        _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board)
+        import torch
+
+        result.cpu_threads = torch.get_num_threads()
+        base = recipe.build_base(cfg, plan, train_rows, eval_rows)
+        result.quantized, result.warm_base, result.base_load_s = base.quantized, base.warm, base.load_s
+        model = recipe.attach_adapter(base, cfg, plan)
+        run = recipe.train(cfg, plan, base, model, out, board, train_rows, eval_rows)
+        recipe.collect(cfg, plan, base, model, run, out, result)
     except BaseException as e:
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
         board.interrupted = not isinstance(e, Exception)  # Ctrl-C, a kill, a requeue: not a finished trial
+        recipe.forget_warm()  # out of memory, a half-built base: the next trial in this process starts clean
+        base = model = None
         raise
     finally:
+        if base is not None:
+            recipe.release(base, model)
         result.wall_time_s = round(time.time() - start, 2)
         result.write(out / "metrics.json")
         board.finish(cfg, result)  # the TensorBoard hparams row: complete, pruned or failed
@@ -130,155 +124,14 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     return result
 
 
-def _train(cfg, out, device, target_modules, optim, precision, fused, train_rows, eval_rows, result, board):
-    import torch
-    from datasets import Dataset
-    from hydra.utils import instantiate
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
-    from trl import SFTTrainer
-
-    from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics, peak_memory_gb
-    from qlora_exp.models import load_base_model, load_tokenizer, random_model_dir, tokenizer_corpus, torch_dtype
-    from qlora_exp.validate import check_lengths
-
-    # ---- base model, quantized --------------------------------------------------------------
-    result.cpu_threads = torch.get_num_threads()
-    m = cfg.model
-    source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
-    if device.cuda:  # after any random-weight build: peak memory is the trial's (load, train, eval), not the build's
-        torch.cuda.reset_peak_memory_stats()
-        budget = cfg.trainer.get("memory_budget_gb")
-        if budget:  # a hard cap: past it the allocator raises out-of-memory instead of taking more
-            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
-    tokenizer = load_tokenizer(source, m)
-    check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
-    compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
-    quant = build_quantization_config(cfg.quantization, compute_dtype)
-    dtype = torch_dtype(m.dtype, device.bf16) if quant is None else compute_dtype
-    device_map = {"": torch.cuda.current_device()} if device.cuda else None
-    model = load_base_model(source, m, quant, dtype, device_map)
-    result.quantized = quantized_layers(model)
-    model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
-    if fused:
-        apply_fused_kernels(model)
-    ckpt = result.gradient_checkpointing
-    if quant is not None and cfg.quantization.upcast_frozen:  # the article's: frozen non-quantized weights in fp32
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif ckpt:  # what prepare_model_for_kbit_training does, less the fp32 upcast
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    partial = ckpt and result.checkpointed_layers is not None
-    if partial:  # recompute only the first N decoder layers; the rest keep their activations
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        if quant is None or cfg.quantization.upcast_frozen:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
-        for layer in layers[result.checkpointed_layers:]:
-            layer.gradient_checkpointing = False
-
-    # ---- LoRA -------------------------------------------------------------------------------
-    set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
-    model = get_peft_model(model, build_lora_config(cfg.lora, target_modules))
-    result.trainable_params, result.total_params = (int(n) for n in model.get_nb_trainable_parameters())
-
-    # ---- train ------------------------------------------------------------------------------
-    metrics = TrialMetrics()
-    tb = TensorBoardScalars(board.writer, metrics)
-    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    args = build_sft_config(cfg, str(out / "checkpoints"), optim, precision, use_cpu=not device.cuda,
-                            micro_batch_size=result.micro_batch_size, grad_accum=result.grad_accum,
-                            checkpointing=ckpt and not partial)  # partial: enabled above, per layer
-    collator = None
-    if result.packing != "off":
-        collator = PackedBatchCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.trainer.max_length,
-                                       layout=result.packing)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer,
-        callbacks=[metrics, tb, *extra],
-    )
-    fed = _count_training_inputs(trainer.model, result)
-    last = _last_checkpoint(out / "checkpoints")
-    result.resumed_from_step = int(last.rsplit("-", 1)[-1]) if last else None
+def _process_start() -> float | None:
+    """When this process started (epoch seconds, from /proc): a cold trial's start-up includes its imports."""
     try:
-        trainer.train(resume_from_checkpoint=last)
-        stop_reason = next((c.stop_reason for c in extra if getattr(c, "stop_reason", None)), None)
-        if stop_reason is None and (not metrics.eval_history or metrics.eval_history[-1][0] != trainer.state.global_step):
-            trainer.evaluate()
-    finally:
-        tb.close()
-        fed.remove()
-
-    # ---- results ----------------------------------------------------------------------------
-    if cfg.trainer.save_adapter:
-        trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(out / "adapter")
-    state = trainer.state
-    result.status = stop_reason or "complete"
-    result.eval_history = [list(x) for x in metrics.eval_history]
-    result.initial_eval_loss = metrics.eval_history[0][1] if metrics.eval_history else None
-    result.eval_loss = metrics.eval_history[-1][1] if metrics.eval_history else None
-    result.perplexity = math.exp(min(result.eval_loss, 50)) if result.eval_loss is not None else None
-    result.train_tokens = int(state.num_input_tokens_seen)
-    result.train_tokens_per_s = round(metrics.tokens_per_s(state), 1)
-    steady = metrics.steady_tokens_per_s()
-    result.steady_tokens_per_s = round(steady, 1) if steady else None
-    result.loss_history = [list(x) for x in metrics.loss_history]
-    result.train_time_s = round(metrics.train_time, 2)
-    result.steps = state.global_step
-    gb, kind = peak_memory_gb()
-    result.peak_memory_gb, result.peak_memory_kind = round(gb, 3), kind
-    if device.cuda:
-        result.peak_memory_reserved_gb = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    result.objective = getattr(result, cfg.objective)
-
-
-def quantized_layers(model) -> dict | None:
-    """What bitsandbytes put in the loaded model, read from its modules: {"Linear4bit": 28, "quant_type": "nf4",
-    "double_quant": true} (4-bit), {"Linear8bitLt": 28} (int8), or None for an unquantized base."""
-    import bitsandbytes as bnb
-
-    layers = [mod for mod in model.modules() if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
-    if not layers:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return round(boot + ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, StopIteration, IndexError):
         return None
-    kinds = sorted({type(mod).__name__ for mod in layers})
-    out: dict = {k: sum(type(mod).__name__ == k for mod in layers) for k in kinds}
-    states = [mod.weight.quant_state for mod in layers if getattr(mod.weight, "quant_state", None) is not None]
-    if states:
-        out["quant_type"] = ",".join(sorted({s.quant_type for s in states}))
-        out["double_quant"] = all(s.nested for s in states)
-        out["quant_state_layers"] = len(states)
-    return out
 
 
-def _count_training_inputs(model, result: TrialResult):
-    """A forward pre-hook counting the rows and token positions fed to the model while it trains (not in eval)."""
-    result.train_rows, result.train_positions = 0, 0
-
-    def count(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if module.training and ids is not None:
-            result.train_rows += int(ids.shape[0])
-            result.train_positions += int(ids.numel())
-
-    return model.register_forward_pre_hook(count, with_kwargs=True)
-
-
-def _last_checkpoint(folder: Path) -> str | None:
-    """Resume from the newest Trainer checkpoint of this trial folder (after preemption)."""
-    if not folder.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(folder))
-    if last:
-        log.info("resuming from %s", last)
-    return last

@@ -26,7 +26,12 @@ class TrialJob:
     def __call__(self, overrides: list[str], job_num: int, singleton_state: dict) -> JobReturn:
         import submitit
 
-        if submitit.JobEnvironment().cluster == "local":  # a killed controller takes its trial with it
+        try:
+            env = submitit.JobEnvironment()
+            cluster, job_id = env.cluster, env.job_id
+        except RuntimeError:  # not a submitit job: a sweep worker that is the driver's own process (sweeper.workers)
+            cluster, job_id = None, str(os.getpid())
+        if cluster == "local":  # a killed controller takes its trial with it
             from sweeper.local_jobs import die_with_parent
 
             die_with_parent()
@@ -34,7 +39,7 @@ class TrialJob:
         setup_globals()
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg.hydra.job):
-            cfg.hydra.job.id = submitit.JobEnvironment().job_id
+            cfg.hydra.job.id = job_id
             cfg.hydra.job.num = job_num
         return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")

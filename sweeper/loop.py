@@ -61,14 +61,21 @@ class Running:
     noted: float = 0.0
 
 
-class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM (scancel of the driver) while the loop runs: counted, one line each."""
+# a sweep worker's trial runs in the loop's own process (sweeper.workers): the first interrupt cuts it short
+IN_PROCESS_TRIAL = {"running": False, "interrupted": False}
 
-    def __init__(self) -> None:
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (scancel of the driver) while the loop runs: counted, one line each. In a sweep
+    worker the first also raises KeyboardInterrupt in the trial it runs (the trial is cut short, queued again)."""
+
+    def __init__(self, signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.count = 0
+        self.signals = signals
 
     def __enter__(self) -> Interrupts:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        IN_PROCESS_TRIAL["interrupted"] = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -81,6 +88,9 @@ class Interrupts:
         line = (f"{name}: stopping the sweep: finished trials are collected, running ones cancelled and queued again\n"
                 if self.count == 1 else f"{name} again: still stopping; no trial is lost by waiting\n")
         os.write(2, line.encode())  # not print(): a handler may run in the middle of another print
+        IN_PROCESS_TRIAL["interrupted"] = True
+        if self.count == 1 and IN_PROCESS_TRIAL["running"]:
+            raise KeyboardInterrupt
 
 
 def finished_value(path: Path | str | None) -> tuple[bool, Any]:
@@ -102,6 +112,7 @@ class Loop:
         self.s = sweep  # sweeper.optuna_sweeper.Sweep: settings, study, search space, executor
         self.running: dict[int, Running] = {}
         self.stop: str | None = None  # why no more trials start: the running ones are still collected
+        self.worker_job = None  # a sweep worker's own job (sweeper.workers): told which trial it runs, for a requeue
 
     def stopping(self, reason: str) -> None:
         """No more trials start; those running are collected before the driver exits with `reason`."""
@@ -111,11 +122,11 @@ class Loop:
                 log.warning("%s; waiting for the %d running trial(s) to end (Ctrl-C cancels them: they are queued "
                             "again)", reason.removeprefix("sweep stopped: "), len(self.running))
 
-    def run(self) -> int:
+    def run(self, signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> int:
         """Run trials until the study holds `target` finished ones and none of its trials is left running anywhere
         (another driver's are waited for until they end or go stale); returns how many interrupts arrived. A storage
         that can no longer be written (disk full, the database gone) stops it in one line."""
-        with Interrupts() as irq:
+        with Interrupts(signals) as irq:
             try:
                 write_results(self.s.study, self.s, len(self.running))  # `sweeper.status` works from the start
                 self._run(irq)
@@ -202,19 +213,10 @@ class Loop:
                 fail(study, trial._trial_id, trial.number, reason)
                 self.stopping(f"{reason} (trial {trial.number} is FAIL)")
                 return None
-        overrides = [*s.fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()), *s.trial_overrides,
-                     f"hydra.sweep.dir={hydra_value(str(s.folder))}"]
-        if s.run_name_key:
-            swept = ",".join(f"{k}={short(v)}" for k, v in trial.params.items())
-            overrides.append(f"{s.run_name_key}={hydra_value(f'{trial.number:03d}-{swept}' if swept else f'{trial.number:03d}')}")
-        if s.pruning:
-            cb = f"+{s.settings.callbacks_key}.optuna_pruning"
-            overrides += [f"{cb}._target_=sweeper.pruning.OptunaPruningCallback",
-                          f"{cb}.storage={hydra_value(s.trial_storage)}", f"{cb}.study_name={hydra_value(s.study_name)}",
-                          f"{cb}.trial_number={trial.number}", f"{cb}.metric={hydra_value(s.settings.prune_metric)}",
-                          f"{cb}.pruner={hydra_value(s.pruner_spec)}"]
+        overrides = self.overrides_for(trial)
         if s.kind == "local" and s.gpus:
-            s.executor.update_parameters(visible_gpus=(s.gpus[slot % len(s.gpus)],), gpus_per_node=1)
+            per = getattr(s, "slots_per_gpu", 1) or 1  # several trials of one GPU side by side
+            s.executor.update_parameters(visible_gpus=(s.gpus[(slot // per) % len(s.gpus)],), gpus_per_node=1)
         if s.kind == "slurm":
             s.executor.update_parameters(name=f"{s.study_name}-{trial.number}")
         try:
@@ -240,9 +242,61 @@ class Loop:
                            ("overrides", [o for o in overrides if not o.startswith(("+", "hydra.", f"{s.run_name_key}="))])):
             trial.set_user_attr(key, value)
         beat(study, [trial._trial_id], s.driver)
+        if self.worker_job is not None:
+            self.worker_job.current = trial.number
+            # the worker's own job: its SLURM job id, its local controller's pid, or this process (the driver's own)
+            trial.set_user_attr("worker_job", os.environ.get("SLURM_JOB_ID") or os.environ.get(
+                "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
         log.info("trial %d started (slot %d, job %s): %s", trial.number, slot, job.job_id,
                  " ".join(f"{k}={short(v)}" for k, v in trial.params.items()))
         return Running(trial, job, folder, slot, since=time.time())
+
+    def overrides_for(self, trial) -> list[str]:
+        """The trial's overrides: the fixed ones, its parameters, the launcher's, its name and pruning callback."""
+        s = self.s
+        overrides = [*s.fixed, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items()), *s.trial_overrides,
+                     f"hydra.sweep.dir={hydra_value(str(s.folder))}"]
+        if s.run_name_key:
+            swept = ",".join(f"{k}={short(v)}" for k, v in trial.params.items())
+            overrides.append(f"{s.run_name_key}={hydra_value(f'{trial.number:03d}-{swept}' if swept else f'{trial.number:03d}')}")
+        if s.pruning:
+            cb = f"+{s.settings.callbacks_key}.optuna_pruning"
+            overrides += [f"{cb}._target_=sweeper.pruning.OptunaPruningCallback",
+                          f"{cb}.storage={hydra_value(s.trial_storage)}", f"{cb}.study_name={hydra_value(s.study_name)}",
+                          f"{cb}.trial_number={trial.number}", f"{cb}.metric={hydra_value(s.settings.prune_metric)}",
+                          f"{cb}.pruner={hydra_value(s.pruner_spec)}"]
+        return overrides
+
+    def resume(self, number: int) -> None:
+        """A requeued worker (SLURM preemption) takes back the trial it was running, as the same trial: run again in
+        the same folder, it resumes from its last checkpoint. Left alone when it has ended meanwhile."""
+        s, study = self.s, self.s.study
+        t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if t is None or t.state != TrialState.RUNNING:
+            return
+        beat(study, [t._trial_id], s.driver)
+        job = s.executor.submit(s.job, self.overrides_for(t), t.number, Singleton.get_state())
+        study._storage.set_trial_user_attr(t._trial_id, "job_id", str(job.job_id))
+        study._storage.set_trial_user_attr(t._trial_id, "result_path", str(job.paths.result_pickle))
+        log.info("trial %d resumed by its requeued worker (job %s)", number, job.job_id)
+        self.running[number] = Running(t, job, s.folder / str(number), 0, since=time.time())
+        if self.worker_job is not None:
+            self.worker_job.current = number
+
+    def interrupt_orphans(self) -> None:
+        """After the workers were asked to stop: a RUNNING trial whose worker ran here and is gone is FAIL as
+        interrupted and queued again (one whose worker is elsewhere goes stale and is taken over then)."""
+        from sweeper.policy import _dead_here
+
+        study = self.s.study
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("job_kind") == "worker" and _dead_here(t.system_attrs.get(DRIVER)):
+                done, ret = finished_value(t.user_attrs.get("result_path"))
+                if done:
+                    self.collect(t._trial_id, t.number, ret, Path(t.user_attrs.get("folder", self.s.folder / str(t.number))))
+                else:
+                    fail(study, t._trial_id, t.number, "sweep interrupted (Ctrl-C or SIGTERM) while it ran",
+                         interrupted=True)
 
     def finish(self, r: Running) -> None:
         study = self.s.study
@@ -296,7 +350,8 @@ class Loop:
             folder = Path(t.user_attrs.get("folder", s.folder / str(t.number)))
             job = None
             here = s.kind == "slurm" or driver_host(t.system_attrs.get(DRIVER)) == socket.gethostname()
-            if here and t.user_attrs.get("job_kind", s.kind) == s.kind and t.user_attrs.get("job_id"):
+            worker = t.user_attrs.get("job_kind") == "worker"  # ran in its worker's process: nothing to watch
+            if here and not worker and t.user_attrs.get("job_kind", s.kind) == s.kind and t.user_attrs.get("job_id"):
                 # the job id is the first thing written after a submission: the rest may be missing
                 job = adopt_job(s.kind, t.user_attrs.get("job_folder") or str(s.folder / ".submitit"),
                                 t.user_attrs["job_id"])
@@ -365,7 +420,7 @@ class Loop:
             r.job.cancel(check=False)
         # local processes end within a second or two of the cancel; a SLURM job's state is not worth waiting for
         # (scancel of the driver leaves it KillWait seconds): its result file says all there is to know
-        deadline = time.time() + (10 if self.s.kind == "local" else 0)
+        deadline = time.time() + (10 if self.s.kind == "local" else 0)  # a worker's own trial: ended already
         while any(not r.job.done() for r in self.running.values()) and time.time() < deadline:
             time.sleep(0.2)
         for r in self.running.values():

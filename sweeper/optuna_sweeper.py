@@ -22,6 +22,7 @@ from sweeper.errors import SweeperConfigError
 from sweeper.gpus import local_gpus, share_cpu_threads
 from sweeper.jobs import TrialJob, app_trial_overrides, launcher_params, make_executor
 from sweeper.loop import Loop, SweepInterrupted
+from sweeper.workers import run_workers
 from sweeper.naming import has_key, study_name, sweep_dir, this_command
 from sweeper.policy import count_finished, register_driver
 from sweeper.samplers import build_pruner, build_sampler
@@ -55,6 +56,7 @@ class Sweep:
     gpus: list[int]
     job: TrialJob
     driver: str
+    slots_per_gpu: int
 
 
 class OptunaSweeperImpl:
@@ -112,13 +114,49 @@ class OptunaSweeperImpl:
         OmegaConf.save(config, s.folder / "multirun.yaml")
         s.executor, s.kind = make_executor(config.hydra.get("launcher"), s.folder / ".submitit")
         s.gpus = local_gpus(st.gpus) if s.kind == "local" else []
+        s.slots_per_gpu = self._slots_per_gpu(s, arguments)
         if s.kind == "local":
             share_cpu_threads(st.n_jobs)
+        if st.mode == "workers" and st.storage is None:
+            log.info("hydra.sweeper.storage is null (an in-memory study workers cannot share): one process per trial")
+            st.mode = "processes"
+        if st.mode == "workers":
+            if run_workers(s, later, grid, multi):
+                raise SweepInterrupted
+            return None
         loop = Loop(s)
         loop.take_over_stale()
         if loop.run():
             raise SweepInterrupted
         return None
+
+    def _slots_per_gpu(self, s: Sweep, arguments: list[str]) -> int:
+        """Trials sharing one local GPU (`slots_per_gpu`): a number, or auto from the trial's memory estimate
+        (`memory_estimate`, e.g. qlora_exp.memory.trial_peak_gb) and the GPU's memory; each is then capped at its
+        share (`trainer.memory_budget_gb`, when the app has the key and it is not set)."""
+        st = self.settings
+        if st.slots_per_gpu is None or s.kind != "local" or not s.gpus:
+            return 1
+        import torch
+
+        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        k = st.slots_per_gpu
+        if k == "auto":
+            estimate = _method("memory_estimate", st.memory_estimate)
+            if estimate is None:
+                raise SweeperConfigError("slots_per_gpu", "auto", "a number, or auto with hydra.sweeper.memory_estimate "
+                                         "set (module.function(trial_cfg) -> GiB)")
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(s.fixed))
+            k = max(1, int(0.9 * total_gb // max(float(estimate(cfg)), 0.1)))
+            log.info("slots_per_gpu=auto: %d trial(s) per GPU (%.1f GiB estimated per trial, %.0f GiB GPU)", k,
+                     float(estimate(cfg)), total_gb)
+        if st.n_jobs > k * len(s.gpus):
+            raise SweeperConfigError("n_jobs", st.n_jobs, f"at most slots_per_gpu x GPUs = {k} x {len(s.gpus)}")
+        if k > 1 and has_key(self.config, "trainer.memory_budget_gb") and not any(
+                o.startswith("trainer.memory_budget_gb=") for o in [*s.fixed, *s.trial_overrides]):
+            if OmegaConf.select(self.config, "trainer.memory_budget_gb") is None:
+                s.trial_overrides = [*s.trial_overrides, f"trainer.memory_budget_gb={round(0.95 * total_gb / k, 1)}"]
+        return int(k)
 
     def _search_space(self, arguments: list[str]):
         parsed = OverridesParser.create().parse_overrides(arguments)

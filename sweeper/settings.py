@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 
 from sweeper.errors import SweeperConfigError
 
+MODES = {"workers": "n_jobs long-lived processes that pull trial after trial and keep what trials share loaded",
+         "processes": "one new process or SLURM job per trial"}
 MIGRATED = {  # hydra-optuna-sweeper keys that are spelled differently here
     "search_space": "params (hydra-optuna-sweeper deprecated search_space in 1.2 and removed it: write the space in "
                     "params, e.g. x: interval(0, 1))",
@@ -27,6 +29,10 @@ class Settings:
     study_dir: str = "outputs/multirun"
     n_trials: int | None = None
     n_jobs: int = 1
+    mode: str = "workers"
+    wait_for_workers: bool = True
+    slots_per_gpu: Any = None
+    memory_estimate: str | None = None
     max_failure_rate: float = 0.5
     params: dict | None = None
     custom_search_space: str | None = None
@@ -63,6 +69,13 @@ class Settings:
     def check_values(self) -> None:
         s = self
         s.n_jobs = _integer("n_jobs", s.n_jobs, 1, "an integer >= 1")
+        if s.mode not in MODES:
+            raise SweeperConfigError("mode", s.mode, " or ".join(f"{k} ({v})" for k, v in MODES.items()))
+        if not isinstance(s.wait_for_workers, bool):
+            raise SweeperConfigError("wait_for_workers", s.wait_for_workers, "true or false")
+        if s.slots_per_gpu not in (None, "auto"):
+            s.slots_per_gpu = _integer("slots_per_gpu", s.slots_per_gpu, 1, "an integer >= 1, auto (from the trial's "
+                                       "memory estimate and the GPU's memory) or null (n_jobs spread over the GPUs)")
         if s.n_trials is not None:
             s.n_trials = _integer("n_trials", s.n_trials, 1, "an integer >= 1, or null (the grid's size or 20)")
         try:

@@ -1,0 +1,378 @@
+"""A trial in phases, as torchtune writes its recipes: one plan resolved once from the config, then build the base,
+attach the adapter, train, collect.
+
+    plan = plan_trial(cfg)                        # every decision, once: device, precision, optimizer, split, ...
+    base = build_base(cfg, plan, rows)            # tokenizer + quantized, prepared base model (kept warm here)
+    model = attach_adapter(base, cfg, plan)       # fresh LoRA adapters, from the trial's seed
+    run = train(cfg, plan, base, model, ...)      # trl's SFTTrainer: a fresh optimizer, scheduler, RNG, data order
+    collect(run, plan, result)                    # what metrics.json and TensorBoard report
+    release(base, model)                          # the adapters taken off: the base as build_base left it
+
+What makes a sweep worker (sweeper.workers) possible: the base is the only thing a trial shares with the next,
+kept in this process by `build_base` and given back as it is when the next trial's `plan.base_key` (model,
+quantization, precision, kernels, checkpointing) is the same; another key loads the new base and lets the old one
+go. The tokenized rows are kept the same way, under `plan.data_key`. Everything a trial trains is made again per
+trial from its own seed, so a trial's result does not depend on what ran before it in the process (a test: the same
+trial cold and third on a warm worker, the same eval loss).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
+from qlora_exp.data import load_rows
+from qlora_exp.device import DeviceInfo, probe_device
+from qlora_exp.kernels import apply_fused_kernels, resolve_fused_kernels
+from qlora_exp.memory import plan_memory
+from qlora_exp.packing import layout_for
+from qlora_exp.validate import check_config, optimizer_for_device, resolve_target_modules
+
+log = logging.getLogger("qlora_exp.trial")
+
+
+# ---- plan: every decision, resolved once from the config ----------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    device: DeviceInfo
+    target_modules: tuple[str, ...]
+    optimizer: str                  # after any CPU fallback
+    precision: str                  # bf16 | fp16 | fp32
+    fused: bool
+    fused_note: str
+    micro_batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    checkpointed_layers: int | None  # with checkpointing: the first N decoder layers recompute (None: all)
+    packing: str                    # off | rows | flat
+    memory_note: str | None
+    base_key: str                   # what the loaded base depends on: equal keys share one base
+    data_key: str                   # what the tokenized rows depend on (with the base's tokenizer)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def partial_checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.checkpointed_layers is not None
+
+
+def plan_trial(cfg: DictConfig) -> Plan:
+    """Check the config (ConfigError before anything heavy) and resolve every decision a trial makes."""
+    # before CUDA's allocator starts: segments that grow in place keep reserved memory close to allocated, which the
+    # memory budget's cap (set_per_process_memory_fraction) counts
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    device = probe_device()
+    check_config(cfg, device)
+    targets = tuple(resolve_target_modules(cfg))
+    optim, fallback = optimizer_for_device(cfg.optimizer.name, device)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
+    memory = plan_memory(cfg, device, fused)
+    tr = cfg.trainer
+    micro = memory.micro_batch_size if memory else (tr.get("micro_batch_size") or tr.batch_size)
+    accum = memory.grad_accum if memory else tr.batch_size * tr.grad_accum // micro
+    ckpt = memory.gradient_checkpointing if memory else bool(tr.gradient_checkpointing)
+    layers = memory.checkpointed_layers if memory else tr.get("checkpointed_layers")
+    layers = layers if ckpt else None
+    packing = layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing else "off"
+    base = {"model": _plain(cfg.model), "quantization": _plain(cfg.quantization), "precision": precision,
+            "fused": fused, "checkpointing": ckpt, "checkpointed_layers": layers, "cuda": device.cuda,
+            "cache_dir": str(cfg.paths.cache_dir)}
+    data = {"data": _plain(cfg.data), "seed": tr.seed, "max_length": tr.max_length,
+            "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
+    return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, packing,
+                memory.note if memory else None, _key(base), _key(data), tuple(n for n in (fallback,) if n))
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _key(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+# ---- what a process keeps between trials --------------------------------------------------------------------
+@dataclass
+class Base:
+    key: str
+    model: Any                      # the quantized, prepared base (no adapters between trials)
+    tokenizer: Any
+    source: str                     # the folder or hub id it was loaded from
+    quantized: dict | None
+    load_s: float                   # how long building it took (0 when it was warm)
+    warm: bool = False
+
+
+@dataclass
+class _Warm:
+    base: Base | None = None
+    rows: dict = field(default_factory=dict)      # data_key -> (train rows, eval rows)
+    tokenized: dict = field(default_factory=dict)  # data_key + tokenizer -> (train dataset, eval dataset)
+    trials: int = 0
+
+
+WARM = _Warm()
+
+
+def forget_warm() -> None:
+    """Let the kept base and rows go (after a trial that failed, or ran out of memory): the next trial starts clean."""
+    WARM.base, WARM.rows, WARM.tokenized = None, {}, {}
+    _free_memory()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rows_for(cfg: DictConfig, plan: Plan) -> tuple[list[dict], list[dict]]:
+    """The trial's training and held-out rows, read once per process and data config."""
+    if plan.data_key not in WARM.rows:
+        WARM.rows = {plan.data_key: load_rows(cfg.data, cfg.trainer.seed)}
+    return WARM.rows[plan.data_key]
+
+
+# ---- build base: tokenizer and quantized base model ---------------------------------------------------------
+def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: list[dict]) -> Base:
+    """The base this trial trains on: the one this process holds when its key is the plan's, else loaded (the old
+    one let go first). The rows are checked against the tokenizer before any model is loaded."""
+    from qlora_exp.models import load_tokenizer, random_model_dir, tokenizer_corpus
+    from qlora_exp.validate import check_lengths
+
+    if WARM.base is not None and WARM.base.key == plan.base_key:
+        check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
+        WARM.base.warm, WARM.base.load_s = True, 0.0
+        return WARM.base
+    if WARM.base is not None:
+        log.info("this trial's base differs from the one loaded here: loading it again")
+        WARM.base, WARM.tokenized = None, {}
+        _free_memory()
+    start = time.perf_counter()
+    m = cfg.model
+    source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
+    tokenizer = load_tokenizer(source, m)
+    check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
+    model = _load_model(cfg, plan, source)
+    WARM.base = Base(plan.base_key, model, tokenizer, source, quantized_layers(model),
+                     round(time.perf_counter() - start, 2))
+    return WARM.base
+
+
+def _load_model(cfg: DictConfig, plan: Plan, source: str):
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from qlora_exp.models import load_base_model, torch_dtype
+
+    device = plan.device
+    compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
+    quant = build_quantization_config(cfg.quantization, compute_dtype)
+    dtype = torch_dtype(cfg.model.dtype, device.bf16) if quant is None else compute_dtype
+    device_map = {"": torch.cuda.current_device()} if device.cuda else None
+    model = load_base_model(source, cfg.model, quant, dtype, device_map)
+    model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
+    if plan.fused:
+        apply_fused_kernels(model)
+    ckpt = plan.gradient_checkpointing
+    if quant is not None and cfg.quantization.upcast_frozen:  # the article's: frozen non-quantized weights in fp32
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:  # what prepare_model_for_kbit_training does, less the fp32 upcast
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if plan.partial_checkpointing:  # recompute only the first N decoder layers; the rest keep their activations
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        if quant is None or cfg.quantization.upcast_frozen:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        for layer in layers[plan.checkpointed_layers:]:
+            layer.gradient_checkpointing = False
+    return model
+
+
+def quantized_layers(model) -> dict | None:
+    """What bitsandbytes put in the loaded model, read from its modules: {"Linear4bit": 28, "quant_type": "nf4",
+    "double_quant": true} (4-bit), {"Linear8bitLt": 28} (int8), or None for an unquantized base."""
+    import bitsandbytes as bnb
+
+    layers = [mod for mod in model.modules() if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    if not layers:
+        return None
+    kinds = sorted({type(mod).__name__ for mod in layers})
+    out: dict = {k: sum(type(mod).__name__ == k for mod in layers) for k in kinds}
+    states = [mod.weight.quant_state for mod in layers if getattr(mod.weight, "quant_state", None) is not None]
+    if states:
+        out["quant_type"] = ",".join(sorted({s.quant_type for s in states}))
+        out["double_quant"] = all(s.nested for s in states)
+        out["quant_state_layers"] = len(states)
+    return out
+
+
+# ---- attach adapter -----------------------------------------------------------------------------------------
+def attach_adapter(base: Base, cfg: DictConfig, plan: Plan):
+    """Fresh LoRA adapters on the base, initialised from the trial's seed."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
+    return get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
+
+
+def release(base: Base, model) -> None:
+    """Take the trial's adapters off the base (peft's unload: each LoRA layer back to the layer it wrapped) and let
+    the trial's trainer, optimizer and activations go."""
+    if model is not None and hasattr(model, "unload"):
+        inner = model.unload()
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in inner.__dict__:
+                delattr(inner, attr)
+        base.model = inner
+    WARM.trials += 1
+    _free_memory()
+
+
+# ---- train --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    trainer: Any
+    metrics: Any                    # qlora_exp.callbacks.TrialMetrics
+    stop_reason: str | None
+    train_rows: int
+    train_positions: int
+    resumed_from_step: int | None
+
+
+def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, train_rows, eval_rows) -> Run:
+    import torch
+    from datasets import Dataset
+    from hydra.utils import instantiate
+    from trl import SFTTrainer
+
+    from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics
+    from qlora_exp.packing import PackedBatchCollator
+
+    if plan.device.cuda:
+        torch.cuda.reset_peak_memory_stats()  # this trial's peak: the base it trains on, its adapters and steps
+        budget = cfg.trainer.get("memory_budget_gb")
+        if budget:  # a hard cap: past it the allocator raises out-of-memory instead of taking more
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
+    metrics = TrialMetrics()
+    tb = TensorBoardScalars(board.writer, metrics)
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    tokenized = WARM.tokenized.get((plan.data_key, id(base.tokenizer)))
+    args = build_sft_config(cfg, str(out / "checkpoints"), plan.optimizer, plan.precision, use_cpu=not plan.device.cuda,
+                            micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
+                            checkpointing=plan.gradient_checkpointing and not plan.partial_checkpointing,
+                            prepared=tokenized is not None)
+    collator = None
+    if plan.packing != "off":
+        collator = PackedBatchCollator(pad_token_id=base.tokenizer.pad_token_id, max_length=cfg.trainer.max_length,
+                                       layout=plan.packing)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=tokenized[0] if tokenized else Dataset.from_list(train_rows),
+        eval_dataset=tokenized[1] if tokenized else Dataset.from_list(eval_rows),
+        processing_class=base.tokenizer,
+        callbacks=[metrics, tb, *extra],
+    )
+    WARM.tokenized = {(plan.data_key, id(base.tokenizer)): (trainer.train_dataset, trainer.eval_dataset)}
+    counts = {"rows": 0, "positions": 0}
+
+    def count(module, args, kwargs):  # the rows and token positions fed to the model while it trains (not in eval)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and ids is not None:
+            counts["rows"] += int(ids.shape[0])
+            counts["positions"] += int(ids.numel())
+
+    fed = trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    last = _last_checkpoint(out / "checkpoints")
+    try:
+        trainer.train(resume_from_checkpoint=last)
+        stop_reason = next((c.stop_reason for c in extra if getattr(c, "stop_reason", None)), None)
+        if stop_reason is None and (not metrics.eval_history or metrics.eval_history[-1][0] != trainer.state.global_step):
+            trainer.evaluate()
+    finally:
+        tb.close()
+        fed.remove()
+    return Run(trainer, metrics, stop_reason, counts["rows"], counts["positions"],
+               int(last.rsplit("-", 1)[-1]) if last else None)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    """Resume from the newest Trainer checkpoint of this trial folder (after preemption)."""
+    if not folder.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(folder))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+# ---- collect ------------------------------------------------------------------------------------------------
+def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path, result) -> None:
+    """Save the adapter and fill `result` (a qlora_exp.trial.TrialResult) from the finished run."""
+    import math
+
+    import torch
+
+    from qlora_exp.callbacks import peak_memory_gb
+
+    if cfg.trainer.save_adapter:
+        # the adapter's own tensors only: peft would read the whole model's state_dict, and bitsandbytes' 4-bit
+        # layers write theirs by changing their quantization state in place (bitsandbytes 0.50: the next trial on
+        # this base then evaluated 2e-4 off its cold run)
+        trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        run.trainer.model.save_pretrained(out / "adapter", safe_serialization=True, state_dict=trained)
+        base.tokenizer.save_pretrained(out / "adapter")
+    state, metrics = run.trainer.state, run.metrics
+    result.status = run.stop_reason or "complete"
+    result.trainable_params, result.total_params = (int(n) for n in model.get_nb_trainable_parameters())
+    result.eval_history = [list(x) for x in metrics.eval_history]
+    result.initial_eval_loss = metrics.eval_history[0][1] if metrics.eval_history else None
+    result.eval_loss = metrics.eval_history[-1][1] if metrics.eval_history else None
+    result.perplexity = math.exp(min(result.eval_loss, 50)) if result.eval_loss is not None else None
+    result.train_tokens = int(state.num_input_tokens_seen)
+    result.train_tokens_per_s = round(metrics.tokens_per_s(state), 1)
+    steady = metrics.steady_tokens_per_s()
+    result.steady_tokens_per_s = round(steady, 1) if steady else None
+    result.loss_history = [list(x) for x in metrics.loss_history]
+    result.train_time_s = round(metrics.train_time, 2)
+    result.train_loop_s = round(metrics.loop_time, 2)
+    result.ready_at, result.first_step_at = metrics.ready_at, metrics.first_step_at
+    result.steps = state.global_step
+    result.train_rows, result.train_positions = run.train_rows, run.train_positions
+    result.resumed_from_step = run.resumed_from_step
+    gb, kind = peak_memory_gb()
+    result.peak_memory_gb, result.peak_memory_kind = round(gb, 3), kind
+    if plan.device.cuda:
+        result.peak_memory_reserved_gb = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    result.objective = getattr(result, cfg.objective)
+
+
+def note_plan(plan: Plan) -> None:
+    for note in plan.notes:
+        warnings.warn(note, stacklevel=2)
+        log.warning(note)
+    for note in (f"fused kernels: {plan.fused_note}", plan.memory_note):
+        if note:
+            log.info(note)
