@@ -22,13 +22,13 @@ from sweeper.errors import SweeperConfigError
 from sweeper.gpus import local_gpus, share_cpu_threads
 from sweeper.jobs import TrialJob, app_trial_overrides, launcher_params, make_executor
 from sweeper.loop import Loop, SweepInterrupted
-from sweeper.workers import run_workers
 from sweeper.naming import has_key, study_name, sweep_dir, this_command
 from sweeper.policy import count_finished, register_driver
 from sweeper.samplers import build_pruner, build_sampler
 from sweeper.search_space import grid_values, is_grid, parse_search_space
 from sweeper.settings import Settings
 from sweeper.storage import build_storage, hide_in_config, hide_password, storage_error, storage_for_trials
+from sweeper.workers import run_workers
 
 log = logging.getLogger("qlora_exp.sweeper")
 

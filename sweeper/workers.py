@@ -315,9 +315,13 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                 if left <= 0 or stopped or rounds >= MAX_ROUNDS:
                     break
                 n = min(st.n_jobs, left)
-                jobs = [_submit(s, WorkerJob(spec), i, Singleton.get_state()) for i in range(n)]
+                refused: list[str] = []
+                jobs = [_submit(s, WorkerJob(spec), i, Singleton.get_state(), refused) for i in range(n)]
                 jobs = [j for j in jobs if j is not None]
+                submitted, noted = time.time(), {}
                 if not jobs:
+                    stopped.append(f"worker 0 could not be submitted ({refused[0]}); no trial was started: rerun the "
+                                   "same command once it can" if refused else "no worker could be started")
                     break
                 rounds += 1
                 log.info("%d worker(s) started (%s), each running trial after trial: %s", len(jobs), s.kind,
@@ -327,6 +331,8 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                              "shows the sweep", s.folder)
                     return 0
             _relay(tail)
+            if s.kind == "slurm" and time.time() - submitted > st.pending_note_s:
+                _note_pending(jobs, submitted, noted)
             for job in [j for j in jobs if j.done()]:
                 jobs.remove(job)
                 stopped += _worker_outcome(job)
@@ -356,7 +362,19 @@ MAX_ROUNDS = 3      # workers started again when all ended with trials left (one
 STOP_WAIT_S = 60.0  # how long Ctrl-C waits for the workers to cut their trials short and queue them again
 
 
-def _submit(s, worker: WorkerJob, index: int, singleton_state: dict):
+def _note_pending(jobs: list, since: float, noted: dict) -> None:
+    """A worker's SLURM job still PENDING: said so with SLURM's reason, every five minutes."""
+    from sweeper.loop import _pending_reason
+
+    now = time.time()
+    for job in jobs:
+        if now - noted.get(job.job_id, 0) > 300 and str(job.state).startswith("PENDING"):
+            noted[job.job_id] = now
+            log.warning("worker SLURM job %s has been PENDING for %.0f s (reason: %s): it waits for the cluster; "
+                        "scancel it or Ctrl-C the sweep to stop", job.job_id, now - since, _pending_reason(job.job_id))
+
+
+def _submit(s, worker: WorkerJob, index: int, singleton_state: dict, refused: list):
     import io
 
     if s.kind == "local" and s.gpus:
@@ -368,7 +386,9 @@ def _submit(s, worker: WorkerJob, index: int, singleton_state: dict):
         with contextlib.redirect_stderr(io.StringIO()):
             return s.executor.submit(worker, index, singleton_state)
     except Exception as e:  # noqa: BLE001  (sbatch refusing, slurmctld down)
-        log.warning("worker %d could not be submitted (%s: %s)", index, type(e).__name__, " ".join(str(e).split())[:300])
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        refused.append(reason)
+        log.warning("worker %d could not be submitted (%s)", index, reason)
         return None
 
 
@@ -397,5 +417,7 @@ def _stop_workers(s, jobs: list) -> None:
         with contextlib.suppress(Exception):
             if s.kind == "local":
                 os.kill(int(job.job_id), signal.SIGTERM)
+            elif str(job.state).startswith("PENDING"):  # nothing of it runs yet
+                job.cancel(check=False)
             else:
                 subprocess.run(["scancel", "--signal=INT", str(job.job_id)], capture_output=True, timeout=20)

@@ -1,0 +1,143 @@
+"""A sweep's time, process-per-trial against workers: the same grid run both ways, in interleaved rounds.
+
+    python bench/sweep_modes.py                                   # CPU: -m lora.r=8,16,32,64 on the embedded default
+    python bench/sweep_modes.py --rounds 2 --out docs/bench/sweep_modes_cpu.json
+    python bench/sweep_modes.py --grid lora.r=8,16,32 optimizer.lr=1e-4,2e-4,4e-4,8e-4 -- model=llama3_8b ...  # GPU
+    python bench/sweep_modes.py --breakdown                       # where a cold trial's start-up goes
+
+Per mode and round: the sweep's wall time (the command's, start to exit), the time its trials spent in their
+training loops (evaluations included: `train_loop_s`) and in optimizer steps alone (`train_time_s`), each as a
+share of the wall time, trials per hour, and each trial's start-up: from the moment the study gave it out (its
+`datetime_start`) to its training loop's start (`ready_at`), cold (first in its process) and warm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
+    env = {**os.environ, "QLORA_EXP_SWEEP_MODE": mode, "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "qlora_exp", "-m", *grid, f"paths.output_root={root}", *extra]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    (study_dir,) = (root / "multirun").iterdir()
+    st = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{root}/optuna.db")
+    trials = []
+    for t in st.trials:
+        m = json.loads((study_dir / str(t.number) / "metrics.json").read_text())
+        asked = t.datetime_start.timestamp()
+        trials.append({"number": t.number, "cold": m["trial_in_process"] == 1, "startup_s": m["ready_at"] - asked,
+                       "first_step_s": m["first_step_at"] - asked, "train_loop_s": m["train_loop_s"],
+                       "train_time_s": m["train_time_s"], "tokens": m["train_tokens"],
+                       "steady_tokens_per_s": m["steady_tokens_per_s"]})
+    loop = sum(t["train_loop_s"] for t in trials)
+    steps = sum(t["train_time_s"] for t in trials)
+    cold = [t["startup_s"] for t in trials if t["cold"]]
+    warm = [t["startup_s"] for t in trials if not t["cold"]]
+    return {"mode": mode, "wall_s": round(wall, 1), "trials": len(trials), "train_loop_share": round(loop / wall, 3),
+            "steps_share": round(steps / wall, 3), "trials_per_hour": round(3600 * len(trials) / wall, 1),
+            "startup_cold_s": round(statistics.median(cold), 2) if cold else None,
+            "startup_warm_s": round(statistics.median(warm), 2) if warm else None,
+            "first_step_warm_s": round(statistics.median([t["first_step_s"] for t in trials if not t["cold"]]), 2)
+            if warm else None, "per_trial": trials}
+
+
+BREAKDOWN = r'''
+import time, json, sys
+t0 = time.time(); marks = {}
+def mark(name):
+    global t0
+    now = time.time(); marks[name] = round(now - t0, 2); t0 = now
+import torch; mark("import torch")
+import transformers, peft, trl, datasets, bitsandbytes  # noqa
+from trl import SFTTrainer  # noqa
+mark("import transformers, peft, trl, datasets, bitsandbytes")
+from hydra import compose, initialize_config_dir
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose("config", overrides=sys.argv[3:] + [f"paths.output_dir={sys.argv[2]}/trial",
+                  f"paths.root_dir={sys.argv[2]}"])
+mark("compose the config (Hydra)")
+from qlora_exp import recipe
+from qlora_exp.callbacks import TrialBoard
+plan = recipe.plan_trial(cfg); rows = recipe.rows_for(cfg, plan); mark("plan and read rows")
+from qlora_exp.models import load_tokenizer, random_model_dir, tokenizer_corpus
+src = str(random_model_dir(cfg.model, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if cfg.model.random_init else cfg.model.name_or_path
+tok = load_tokenizer(src, cfg.model); mark("tokenizer")
+model = recipe._load_model(cfg, plan, src); mark("load and quantize the base (from_pretrained, prepare)")
+base = recipe.Base(plan.base_key, model, tok, src, None, 0.0); recipe.WARM.base = base
+peft_model = recipe.attach_adapter(base, cfg, plan); mark("attach LoRA (peft)")
+from pathlib import Path
+import qlora_exp.recipe as R
+orig = R.TrialMetrics if hasattr(R, "TrialMetrics") else None
+from transformers import TrainerCallback
+class Stop(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kw):
+        mark("trainer: data tokenized, optimizer and dataloader set up")
+    def on_step_end(self, args, state, control, **kw):
+        control.should_training_stop = True
+from omegaconf import open_dict
+with open_dict(cfg):
+    cfg.trainer.eval_every = 10**6
+    cfg.callbacks = {"stop": {"_target_": "__main__.Stop"}}
+import __main__; __main__.Stop = Stop
+board = TrialBoard(str(Path(sys.argv[2]) / "tb"))
+R.train(cfg, plan, base, peft_model, Path(sys.argv[2]) / "trial", board, *rows)
+print(json.dumps(marks))
+'''
+
+
+def breakdown(extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", BREAKDOWN, str(REPO / "conf"), tmp, *extra], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", nargs="+", default=["lora.r=8,16,32,64"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["processes", "workers"])
+    ap.add_argument("--breakdown", action="store_true", help="time a cold trial's start-up, phase by phase")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("extra", nargs="*", help="-- then overrides for every trial")
+    a = ap.parse_args()
+    if a.breakdown:
+        report = {"breakdown": breakdown(a.extra)}
+        print(json.dumps(report, indent=1))
+    else:
+        runs = []
+        for r in range(a.rounds):
+            for mode in a.modes if r % 2 == 0 else list(reversed(a.modes)):
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = sweep(mode, a.grid, a.extra, Path(tmp))
+                res["round"] = r
+                runs.append(res)
+                print(f"round {r} {mode:9s} wall {res['wall_s']:6.1f} s  train loop {res['train_loop_share']:.0%}  "
+                      f"steps {res['steps_share']:.0%}  {res['trials_per_hour']:.0f} trials/h  start-up cold "
+                      f"{res['startup_cold_s']} s, warm {res['startup_warm_s']} s", flush=True)
+        report = {"grid": a.grid, "extra": a.extra, "runs": runs}
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Sweep workers (sweeper/workers.py) and the trial runner's phases (qlora_exp/recipe.py): a worker keeps the
+loaded base between trials without one trial changing another's result, pulls trials from the study, and rides out
+a worker killed mid-trial, a trial that fails, and Ctrl-C."""
+import os
+import signal
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import FAST, compose_cfg, read_metrics, wait_for
+from tests.test_recovery import alive, finish, runs, start_toy
+from tests.test_sweep_semantics import study
+
+WORKERS = "hydra.sweeper.mode=workers"
+
+
+def test_a_trial_run_third_on_a_warm_worker_matches_it_run_cold(tmp_path, cache_dir):
+    """The same trial (adapter saved, as by default) cold, then after another trial on the same base, then again
+    third: the same eval loss (within 1e-4, here exactly), the base reused (not loaded again) for the 2nd and 3rd,
+    and each trial's adapter is its own (a different rank has a different number of trainable parameters)."""
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+
+    recipe.forget_warm()
+    results = []
+    for i, extra in enumerate([[], ["lora.r=32", "optimizer.lr=3e-3"], []]):
+        cfg = compose_cfg(tmp_path, [*FAST, "trainer.save_adapter=true", f"paths.output_dir={tmp_path}/t{i}", *extra],
+                          cache_dir)
+        results.append(run_trial(cfg))
+    cold, other, warm = results
+    assert [r.warm_base for r in results] == [False, True, True]
+    assert warm.base_load_s == 0 and cold.base_load_s > 0
+    assert abs(cold.eval_loss - warm.eval_loss) < 1e-4, (cold.eval_loss, warm.eval_loss)
+    assert abs(cold.initial_eval_loss - other.initial_eval_loss) < 1e-6  # the base untouched by the trial before
+    assert other.trainable_params == 2 * cold.trainable_params  # r=32 against the default 16: fresh adapters
+    assert cold.eval_loss < cold.initial_eval_loss
+    assert (tmp_path / "t2" / "adapter" / "adapter_model.safetensors").exists()
+    recipe.forget_warm()
+
+
+def test_a_trial_of_another_base_loads_it_and_a_failed_trial_leaves_the_next_one_clean(tmp_path, cache_dir):
+    """A trial with another quantization loads its own base (not the kept one); after a trial that fails (here:
+    out of memory, raised at step 3) the next trial of the process loads its base again."""
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+
+    recipe.forget_warm()
+    first = run_trial(compose_cfg(tmp_path, [*FAST, f"paths.output_dir={tmp_path}/a"], cache_dir))
+    other = run_trial(compose_cfg(tmp_path, [*FAST, "quantization=none", f"paths.output_dir={tmp_path}/b"], cache_dir))
+    assert first.quantized and not other.quantized and other.warm_base is False
+    oom = ["+callbacks.oom._target_=tests.test_workers.OutOfMemoryAt", "+callbacks.oom.step=3"]
+    with pytest.raises(Exception, match="out of memory"):
+        run_trial(compose_cfg(tmp_path, [*FAST, *oom, "quantization=none", f"paths.output_dir={tmp_path}/c"], cache_dir))
+    assert read_metrics(tmp_path / "c")["status"] == "failed"
+    after = run_trial(compose_cfg(tmp_path, [*FAST, "quantization=none", f"paths.output_dir={tmp_path}/d"], cache_dir))
+    assert after.warm_base is False and after.status == "complete"
+    recipe.forget_warm()
+
+
+class OutOfMemoryAt:
+    """Test only: raise torch's OutOfMemoryError at optimizer step `step`."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                import torch
+
+                if state.global_step >= step:
+                    raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+        return _Cb()
+
+
+@pytest.mark.slow
+def test_one_worker_runs_the_whole_grid_on_one_loaded_base(tmp_path, cache_dir):
+    """`python -m qlora_exp -m lora.r=8,16,32`: one process runs the three trials, loading the base once (trials 2
+    and 3 warm, ready in a fraction of the cold one's start-up), every trial COMPLETE in the study; the rerun runs
+    nothing."""
+    from tests.conftest import run_cli
+
+    args = ["-m", "lora.r=8,16,32", WORKERS, *FAST]
+    proc = run_cli(args, tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this process is the sweep's worker" in proc.stdout
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    ms = [read_metrics(sweep / str(n)) for n in range(3)]
+    assert sorted(m["trial_in_process"] for m in ms) == [1, 2, 3]
+    assert sorted(m["warm_base"] for m in ms) == [False, True, True]
+    cold = next(m for m in ms if not m["warm_base"])
+    for m in ms:
+        if m["warm_base"]:
+            assert m["ready_at"] - m["started_at"] < (cold["ready_at"] - cold["started_at"]) / 2
+    again = run_cli(args, tmp_path, cache_dir)
+    assert again.returncode == 0 and "trial 0 started" not in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_workers_pull_a_study_and_a_worker_killed_mid_trial_is_retried_by_the_other(tmp_path):
+    """Two local workers on the toy app, 6 points of 2 s: kill -9 of one worker while its trial sleeps. The other
+    worker (or the driver) finds the trial stale (its worker gone from this host), FAIL `orphaned` and retried once;
+    the sweep ends 0 with all 6 points COMPLETE, each finished point run once, and both workers having run trials."""
+    driver = start_toy(tmp_path, "x=range(0,6)", "sleep_s=2", "hydra.sweeper.n_jobs=2", WORKERS)
+    try:
+        victim = wait_for(lambda: next((t for t in study(tmp_path).trials if t.state == TrialState.RUNNING
+                                        and "worker_job" in t.user_attrs), None), timeout=120, what="a running trial")
+        controller = int(victim.user_attrs["worker_job"])
+        worker = int(victim.system_attrs["driver"].rsplit("-", 2)[1])
+        assert alive(worker) and worker != driver.pid
+        os.kill(worker, signal.SIGKILL)
+        out, err = finish(driver, timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, err[-3000:]
+    trials = study(tmp_path).trials
+    complete = sorted(t.params["x"] for t in trials if t.state == TrialState.COMPLETE)
+    assert complete == list(range(6)), [(t.number, t.params, t.state) for t in trials]
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and killed.user_attrs.get("orphaned") is True
+    assert sum(t.params["x"] == victim.params["x"] for t in trials) == 2  # the killed one and its one retry
+    started = [r["x"] for r in runs(tmp_path)]
+    assert sorted(started) == sorted([*range(6), victim.params["x"]])  # nothing else ran twice
+    assert len({r["pid"] for r in runs(tmp_path)}) <= 3  # workers, not a process per trial
+    assert controller > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_driver_stops_its_workers_and_queues_the_trials_they_cut_short(tmp_path):
+    """Two workers, the trial of x=1 sleeping 60 s: Ctrl-C of the driver. Exit 130 within seconds, the finished
+    x=0 COMPLETE, x=1 FAIL 'interrupted' with a WAITING retry, no worker left running; the rerun trains x=1 only."""
+    driver = start_toy(tmp_path, "x=0,1", "sleep_per_x=60", "hydra.sweeper.n_jobs=2", WORKERS)
+    try:
+        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in study(tmp_path).trials)
+                 and any(t.state == TrialState.RUNNING for t in study(tmp_path).trials), timeout=120,
+                 what="x=0 done, x=1 running")
+        workers = [int(t.system_attrs["driver"].rsplit("-", 2)[1]) for t in study(tmp_path).trials]
+        start = time.time()
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=90) == 130
+        assert time.time() - start < 60
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in workers), timeout=15, what="the workers to end")
+    by_x: dict = {}
+    for t in study(tmp_path).trials:
+        by_x.setdefault(t.params["x"], []).append(t)
+    assert [t.state for t in by_x[0]] == [TrialState.COMPLETE]
+    assert [t.state for t in by_x[1]] == [TrialState.FAIL, TrialState.WAITING]
+    assert by_x[1][0].user_attrs["interrupted"] is True
+    out, err = finish(start_toy(tmp_path, "x=0,1", "sleep_per_x=0", "hydra.sweeper.n_jobs=2", WORKERS))
+    states = sorted((t.params["x"], t.state.name) for t in study(tmp_path).trials)
+    assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (1, "FAIL")], states
+    assert [r["x"] for r in runs(tmp_path)].count(0) == 1
