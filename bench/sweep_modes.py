@@ -2,13 +2,20 @@
 
     python bench/sweep_modes.py                                   # CPU: -m lora.r=8,16,32,64 on the embedded default
     python bench/sweep_modes.py --rounds 2 --out docs/bench/sweep_modes_cpu.json
-    python bench/sweep_modes.py --grid lora.r=8,16,32 optimizer.lr=1e-4,2e-4,4e-4,8e-4 -- model=llama3_8b ...  # GPU
+    python bench/sweep_modes.py --recipe .gpu/seed_recipe.py --modes workers \
+        --grid lora.r=8,16,32 optimizer.lr=1e-4,2e-4,4e-4,8e-4 -- trainer.max_steps=30   # GPU: the 8B shape, 12 trials
     python bench/sweep_modes.py --breakdown                       # where a cold trial's start-up goes
 
 Per mode and round: the sweep's wall time (the command's, start to exit), the time its trials spent in their
 training loops (evaluations included: `train_loop_s`) and in optimizer steps alone (`train_time_s`), each as a
-share of the wall time, trials per hour, and each trial's start-up: from the moment the study gave it out (its
-`datetime_start`) to its training loop's start (`ready_at`), cold (first in its process) and warm.
+share of the wall time, the GPU's useful share (real tokens trained over wall time x the median trial's steady
+tokens/s, the issue's measure), trials per hour, and each trial's start-up: from the moment the study gave it out
+(its `datetime_start`) to its training loop's start (`ready_at`) and first step (`first_step_at`), cold (first in its
+process) and warm, and the CUDA memory allocated as each trial began (flat on a worker: nothing left behind).
+
+`--recipe` (the article's recipe script, `../shared/bench/seed_recipe.py`): the recipe's random-weight model folder
+(`/tmp/model-<shape>`, built on first use) and its rows, pre-tokenized, as bench/throughput.py uses them, with
+`trainer=article` and the recipe's optimizer; the grid's keys override those.
 """
 from __future__ import annotations
 
@@ -25,6 +32,25 @@ from pathlib import Path
 import optuna
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def recipe_overrides(recipe: Path, shape: str, steps: int, data: Path) -> list[str]:
+    """The recipe's model folder (built by its own make_model) and rows, and throughput.py's common overrides."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from throughput import load_recipe, write_rows
+
+    seed = load_recipe(recipe)
+    model_dir = Path(f"/tmp/model-{shape}")
+    t0 = time.time()
+    seed.make_model(shape, str(model_dir))
+    write_rows(seed, shape, steps, data)
+    print(f"model folder {model_dir} and rows ready in {time.time() - t0:.1f} s", flush=True)
+    return ["model=llama3_8b", f"model.name_or_path={model_dir}", "model.random_init=false", "data=jsonl",
+            f"data.train_path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}",
+            "data.assistant_only_loss=false", "trainer=article", "trainer.max_length=1024", "trainer.epochs=1",
+            f"trainer.max_steps={steps}", "trainer.eval_every=100000", "trainer.log_every=5",
+            "trainer.save_adapter=false", "optimizer=paged_adamw_32bit", "lora.dropout=0.05",
+            "lora.target_modules=all_linear", "quantization=nf4"]
 
 
 def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
@@ -44,13 +70,21 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
         trials.append({"number": t.number, "cold": m["trial_in_process"] == 1, "startup_s": m["ready_at"] - asked,
                        "first_step_s": m["first_step_at"] - asked, "train_loop_s": m["train_loop_s"],
                        "train_time_s": m["train_time_s"], "tokens": m["train_tokens"],
-                       "steady_tokens_per_s": m["steady_tokens_per_s"]})
+                       "steady_tokens_per_s": m["steady_tokens_per_s"], "ready_from_process_s":
+                       m["ready_at"] - m["process_started_at"], "memory_at_start_gb": m.get("memory_at_start_gb"),
+                       "peak_memory_gb": m.get("peak_memory_gb"), "eval_loss": m.get("eval_loss"),
+                       "worker": t.user_attrs.get("worker_job"),
+                       "launch_s": m["started_at"] - asked, "phase_s": m.get("phase_s"),
+                       "told_after_s": t.datetime_complete.timestamp() - (m["started_at"] + m["wall_time_s"])})
     loop = sum(t["train_loop_s"] for t in trials)
     steps = sum(t["train_time_s"] for t in trials)
     cold = [t["startup_s"] for t in trials if t["cold"]]
     warm = [t["startup_s"] for t in trials if not t["cold"]]
+    steady = statistics.median(t["steady_tokens_per_s"] for t in trials if t["steady_tokens_per_s"])
+    useful = sum(t["tokens"] for t in trials) / (wall * steady)
     return {"mode": mode, "wall_s": round(wall, 1), "trials": len(trials), "train_loop_share": round(loop / wall, 3),
-            "steps_share": round(steps / wall, 3), "trials_per_hour": round(3600 * len(trials) / wall, 1),
+            "steps_share": round(steps / wall, 3), "useful_share": round(useful, 3),
+            "steady_tokens_per_s": round(steady), "trials_per_hour": round(3600 * len(trials) / wall, 1),
             "startup_cold_s": round(statistics.median(cold), 2) if cold else None,
             "startup_warm_s": round(statistics.median(warm), 2) if warm else None,
             "first_step_warm_s": round(statistics.median([t["first_step_s"] for t in trials if not t["cold"]]), 2)
@@ -116,9 +150,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["processes", "workers"])
     ap.add_argument("--breakdown", action="store_true", help="time a cold trial's start-up, phase by phase")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON report, rewritten after every sweep")
+    ap.add_argument("--recipe", type=Path, help="the article's recipe script: its 8B model folder and rows (GPU)")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--steps", type=int, default=30, help="with --recipe: steps per trial")
     ap.add_argument("extra", nargs="*", help="-- then overrides for every trial")
     a = ap.parse_args()
+    if a.recipe:
+        data = Path(tempfile.mkdtemp(prefix="sweep-modes-rows-"))
+        a.extra = recipe_overrides(a.recipe.resolve(), a.shape, a.steps, data) + a.extra
     if a.breakdown:
         report = {"breakdown": breakdown(a.extra)}
         print(json.dumps(report, indent=1))
@@ -131,9 +171,14 @@ def main() -> None:
                 res["round"] = r
                 runs.append(res)
                 print(f"round {r} {mode:9s} wall {res['wall_s']:6.1f} s  train loop {res['train_loop_share']:.0%}  "
-                      f"steps {res['steps_share']:.0%}  {res['trials_per_hour']:.0f} trials/h  start-up cold "
-                      f"{res['startup_cold_s']} s, warm {res['startup_warm_s']} s", flush=True)
-        report = {"grid": a.grid, "extra": a.extra, "runs": runs}
+                      f"steps {res['steps_share']:.0%}  useful {res['useful_share']:.0%}  "
+                      f"{res['trials_per_hour']:.0f} trials/h  start-up cold {res['startup_cold_s']} s, warm "
+                      f"{res['startup_warm_s']} s, warm first step {res['first_step_warm_s']} s", flush=True)
+                report = {"grid": a.grid, "extra": a.extra, "runs": runs}
+                if a.out:
+                    a.out.parent.mkdir(parents=True, exist_ok=True)
+                    a.out.write_text(json.dumps(report, indent=1) + "\n")
+        return
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1) + "\n")

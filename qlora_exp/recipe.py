@@ -117,6 +117,7 @@ class _Warm:
     base: Base | None = None
     rows: dict = field(default_factory=dict)      # data_key -> (train rows, eval rows)
     tokenized: dict = field(default_factory=dict)  # data_key + tokenizer -> (train dataset, eval dataset)
+    lengths_checked: set = field(default_factory=set)  # (data_key, max_length) the warm base's tokenizer passed
     trials: int = 0
 
 
@@ -125,7 +126,7 @@ WARM = _Warm()
 
 def forget_warm() -> None:
     """Let the kept base and rows go (after a trial that failed, or ran out of memory): the next trial starts clean."""
-    WARM.base, WARM.rows, WARM.tokenized = None, {}, {}
+    WARM.base, WARM.rows, WARM.tokenized, WARM.lengths_checked = None, {}, {}, set()
     _free_memory()
 
 
@@ -153,19 +154,23 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
     from qlora_exp.models import load_tokenizer, random_model_dir, tokenizer_corpus
     from qlora_exp.validate import check_lengths
 
+    lengths = (plan.data_key, cfg.trainer.max_length)
     if WARM.base is not None and WARM.base.key == plan.base_key:
-        check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
+        if lengths not in WARM.lengths_checked:  # the same rows, tokenizer and max_length pass as they did (3 s on 8B rows)
+            check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
+            WARM.lengths_checked.add(lengths)
         WARM.base.warm, WARM.base.load_s = True, 0.0
         return WARM.base
     if WARM.base is not None:
         log.info("this trial's base differs from the one loaded here: loading it again")
-        WARM.base, WARM.tokenized = None, {}
+        WARM.base, WARM.tokenized, WARM.lengths_checked = None, {}, set()
         _free_memory()
     start = time.perf_counter()
     m = cfg.model
     source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
     tokenizer = load_tokenizer(source, m)
     check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
+    WARM.lengths_checked = {lengths}
     model = _load_model(cfg, plan, source)
     WARM.base = Base(plan.base_key, model, tokenizer, source, quantized_layers(model),
                      round(time.perf_counter() - start, 2))
@@ -252,6 +257,7 @@ class Run:
     trainer: Any
     metrics: Any                    # qlora_exp.callbacks.TrialMetrics
     stop_reason: str | None
+    setup_s: float                  # train() up to trainer.train(): the SFTTrainer built (data prepared when cold)
     train_rows: int
     train_positions: int
     resumed_from_step: int | None
@@ -272,6 +278,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         if budget:  # a hard cap: past it the allocator raises out-of-memory instead of taking more
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
+    setup = time.perf_counter()
     metrics = TrialMetrics()
     tb = TensorBoardScalars(board.writer, metrics)
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -304,6 +311,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
 
     fed = trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     last = _last_checkpoint(out / "checkpoints")
+    setup_s = round(time.perf_counter() - setup, 3)
     try:
         trainer.train(resume_from_checkpoint=last)
         stop_reason = next((c.stop_reason for c in extra if getattr(c, "stop_reason", None)), None)
@@ -312,7 +320,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     finally:
         tb.close()
         fed.remove()
-    return Run(trainer, metrics, stop_reason, counts["rows"], counts["positions"],
+    return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
                int(last.rsplit("-", 1)[-1]) if last else None)
 
 
@@ -359,6 +367,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
     result.train_time_s = round(metrics.train_time, 2)
     result.train_loop_s = round(metrics.loop_time, 2)
     result.ready_at, result.first_step_at = metrics.ready_at, metrics.first_step_at
+    result.phase_s["trainer"] = run.setup_s
     result.steps = state.global_step
     result.train_rows, result.train_positions = run.train_rows, run.train_positions
     result.resumed_from_step = run.resumed_from_step

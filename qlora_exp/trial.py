@@ -66,6 +66,9 @@ class TrialResult:
     trial_in_process: int | None = None   # 1: the first trial of its process (cold); 2, 3, ...: on a warm worker
     warm_base: bool | None = None         # the base was already loaded in this process (a sweep worker's)
     base_load_s: float | None = None      # building and loading the base (0 when warm)
+    phase_s: dict = field(default_factory=dict)  # seconds in each phase: plan, base, adapter, trainer (its setup)
+    memory_at_start_gb: float | None = None  # CUDA memory allocated as the trial began: on a warm worker its base and
+                                          # whatever earlier trials left (flat from trial to trial: nothing leaks)
     error: str | None = None
 
     def write(self, path: Path) -> None:
@@ -101,9 +104,14 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         import torch
 
         result.cpu_threads = torch.get_num_threads()
+        if torch.cuda.is_available():
+            result.memory_at_start_gb = round(torch.cuda.memory_allocated() / 2**30, 3)
+        mark = _phase(result, "plan", start)
         base = recipe.build_base(cfg, plan, train_rows, eval_rows)
         result.quantized, result.warm_base, result.base_load_s = base.quantized, base.warm, base.load_s
+        mark = _phase(result, "base", mark)
         model = recipe.attach_adapter(base, cfg, plan)
+        _phase(result, "adapter", mark)
         run = recipe.train(cfg, plan, base, model, out, board, train_rows, eval_rows)
         recipe.collect(cfg, plan, base, model, run, out, result)
     except BaseException as e:
@@ -122,6 +130,12 @@ def run_trial(cfg: DictConfig) -> TrialResult:
              result.eval_loss, result.initial_eval_loss or float("nan"), result.train_tokens_per_s,
              result.peak_memory_gb, result.wall_time_s)
     return result
+
+
+def _phase(result: TrialResult, name: str, since: float) -> float:
+    now = time.time()
+    result.phase_s[name] = round(now - since, 3)
+    return now
 
 
 def _process_start() -> float | None:

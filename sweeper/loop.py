@@ -373,8 +373,9 @@ class Loop:
                 self.running[t.number] = Running(t, job, folder, slot)
                 log.warning("trial %d: its driver stopped while its job %s still runs: watched here to its end, "
                             "not run again", t.number, t.user_attrs["job_id"])
-            elif job is None and fail(study, t._trial_id, t.number, "driver stopped: no heartbeat for "
-                                      f"{s.settings.stale_after_s:g} s or more, and no result from its job",
+            elif job is None and fail(study, t._trial_id, t.number, "driver stopped (no heartbeat for "
+                                      f"{s.settings.stale_after_s:g} s, or its process gone from this host), and no "
+                                      "result from its job",
                                       orphaned=True):
                 RETRY_ONCE(study, study._storage.get_trial(t._trial_id))
             # else: every slot busy: watched once one is free (it stays stale, nothing is lost)
@@ -476,10 +477,17 @@ def _taken(study, trial) -> bool:
     An earlier trial whose point is not written yet (GridSampler writes it right after creating the trial) is
     waited for, briefly."""
     mine = study._storage.get_trial(trial._trial_id).system_attrs.get("grid_id")
+    sampler = study.sampler
+    point = dict(zip(sampler._param_names, sampler._all_grids[mine], strict=True)) if mine is not None else None
     deadline = time.time() + 2.0
     while True:
-        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
+        trials = study.get_trials(deepcopy=False)
+        earlier = [t for t in trials if t.number < trial.number and t.state != TrialState.FAIL]
         if any(t.system_attrs.get("grid_id") == mine for t in earlier):
+            return True
+        # a retry queued (WAITING) for this point, not yet taken from the queue: it runs the point, this one gives way
+        if point is not None and "fixed_params" not in study._storage.get_trial(trial._trial_id).system_attrs and any(
+                t.state == TrialState.WAITING and t.system_attrs.get("fixed_params") == point for t in trials):
             return True
         if time.time() > deadline or not any("grid_id" not in t.system_attrs for t in earlier
                                              if t.state == TrialState.RUNNING):

@@ -1,4 +1,5 @@
 """Trials on a real SLURM (scripts/slurm/up.sh: one node, two fake GPUs), through submitit."""
+import json
 import os
 import shutil
 import signal
@@ -335,3 +336,19 @@ def test_a_job_slurm_keeps_pending_is_said_so_with_its_reason(tmp_path):
     job_id = toy_study(tmp_path).trials[0].user_attrs["job_id"]
     assert sacct_state(job_id).startswith("CANCELLED") or not subprocess.run(
         ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+
+
+def test_workers_on_slurm_are_one_job_each_and_pull_every_trial(tmp_path):
+    """`hydra.sweeper.mode=workers hydra.sweeper.n_jobs=2` on SLURM: four points of the toy app run in two SLURM jobs
+    (one per worker, each queued once, not once per trial), each pulling trials until the grid is done: every point
+    COMPLETE once, each trial's `worker_job` one of the two job ids, both jobs COMPLETED in sacct."""
+    driver = toy_sweep(tmp_path, "x=0,1,2,3", "sleep_s=1", "hydra.sweeper.mode=workers", "hydra.sweeper.n_jobs=2")
+    out, err = ended(driver, timeout=300)
+    assert driver.returncode == 0 and "Traceback" not in out + err, err[-3000:]
+    trials = toy_study(tmp_path).trials
+    assert sorted(t.params["x"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1, 2, 3], err[-3000:]
+    jobs = {t.user_attrs["worker_job"] for t in trials}
+    assert 1 <= len(jobs) <= 2 and all(j.isdigit() for j in jobs), jobs
+    assert all(sacct_state(j) == "COMPLETED" for j in jobs), {j: sacct_state(j) for j in jobs}
+    started = [json.loads(line)["x"] for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(started) == [0, 1, 2, 3]  # nothing ran twice

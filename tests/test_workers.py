@@ -102,13 +102,15 @@ def test_two_workers_pull_a_study_and_a_worker_killed_mid_trial_is_retried_by_th
     """Two local workers on the toy app, 6 points of 2 s: kill -9 of one worker while its trial sleeps. The other
     worker (or the driver) finds the trial stale (its worker gone from this host), FAIL `orphaned` and retried once;
     the sweep ends 0 with all 6 points COMPLETE, each finished point run once, and both workers having run trials."""
-    driver = start_toy(tmp_path, "x=range(0,6)", "sleep_s=2", "hydra.sweeper.n_jobs=2", WORKERS)
+    driver = start_toy(tmp_path, "x=range(0,5)", "sleep_s=2", "hydra.sweeper.n_jobs=2", WORKERS)
     try:
         victim = wait_for(lambda: next((t for t in study(tmp_path).trials if t.state == TrialState.RUNNING
                                         and "worker_job" in t.user_attrs), None), timeout=120, what="a running trial")
         controller = int(victim.user_attrs["worker_job"])
         worker = int(victim.system_attrs["driver"].rsplit("-", 2)[1])
         assert alive(worker) and worker != driver.pid
+        wait_for(lambda: any(r["x"] == victim.params["x"] and r["pid"] == worker for r in runs(tmp_path)), timeout=60,
+                 what="the running trial's point to start training")  # killed in training, not while it is set up
         os.kill(worker, signal.SIGKILL)
         out, err = finish(driver, timeout=180)
     finally:
