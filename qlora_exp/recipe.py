@@ -84,7 +84,7 @@ def plan_trial(cfg: DictConfig) -> Plan:
     layers = layers if ckpt else None
     packing = layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing else "off"
     base = {"model": _plain(cfg.model), "quantization": _plain(cfg.quantization), "precision": precision,
-            "fused": fused, "checkpointing": ckpt, "checkpointed_layers": layers, "cuda": device.cuda,
+            "fused": fused, "cuda": device.cuda,  # checkpointing is set per trial (set_checkpointing), not kept
             "cache_dir": str(cfg.paths.cache_dir)}
     data = {"data": _plain(cfg.data), "seed": tr.seed, "max_length": tr.max_length,
             "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
@@ -156,7 +156,7 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
 
     lengths = (plan.data_key, cfg.trainer.max_length)
     if WARM.base is not None and WARM.base.key == plan.base_key:
-        if lengths not in WARM.lengths_checked:  # the same rows, tokenizer and max_length pass as they did (3 s on 8B rows)
+        if lengths not in WARM.lengths_checked:  # the same rows, tokenizer and max_length pass as before
             check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
             WARM.lengths_checked.add(lengths)
         WARM.base.warm, WARM.base.load_s = True, 0.0
@@ -192,22 +192,34 @@ def _load_model(cfg: DictConfig, plan: Plan, source: str):
     model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
     if plan.fused:
         apply_fused_kernels(model)
-    ckpt = plan.gradient_checkpointing
     if quant is not None and cfg.quantization.upcast_frozen:  # the article's: frozen non-quantized weights in fp32
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif ckpt:  # what prepare_model_for_kbit_training does, less the fp32 upcast
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if plan.partial_checkpointing:  # recompute only the first N decoder layers; the rest keep their activations
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        if quant is None or cfg.quantization.upcast_frozen:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
-        for layer in layers[plan.checkpointed_layers:]:
-            layer.gradient_checkpointing = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def set_checkpointing(model, plan: Plan) -> None:
+    """This trial's activation recomputation on the base (kept between trials, so set every time): every decoder
+    layer, only the first `plan.checkpointed_layers`, or none. With it, the inputs' embeddings require grad (as
+    prepare_model_for_kbit_training does), so a frozen base still passes gradients to the recomputed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not _grads_hooked(model):
+            model.enable_input_require_grads()
+        layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = plan.checkpointed_layers is None or i < plan.checkpointed_layers
+    elif model.is_gradient_checkpointing or _grads_hooked(model):
+        if model.is_gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        if _grads_hooked(model):
+            model.disable_input_require_grads()
+
+
+def _grads_hooked(model) -> bool:
+    """enable_input_require_grads was called (transformers keeps its hooks in one attribute or the other)."""
+    return bool(getattr(model, "_require_grads_hooks", None)) or getattr(model, "_require_grads_hook", None) is not None
 
 
 def quantized_layers(model) -> dict | None:
@@ -234,6 +246,7 @@ def attach_adapter(base: Base, cfg: DictConfig, plan: Plan):
     from peft import get_peft_model
     from transformers import set_seed
 
+    set_checkpointing(base.model, plan)
     set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
     return get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
 

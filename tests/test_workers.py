@@ -39,6 +39,36 @@ def test_a_trial_run_third_on_a_warm_worker_matches_it_run_cold(tmp_path, cache_
     recipe.forget_warm()
 
 
+def test_checkpointing_is_set_per_trial_on_a_kept_base(tmp_path, cache_dir):
+    """Activation recomputation differs from trial to trial of a sweep (the memory plan picks it from the rank): the
+    base is kept all the same, each trial gets its own setting on it (all layers, the first one, none), and a trial
+    after one that recomputed matches it run cold (within 1e-4), with no recomputation left on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+
+    def flags():
+        return [m.gradient_checkpointing for m in recipe.WARM.base.model.modules()
+                if isinstance(m, GradientCheckpointingLayer)]
+
+    recipe.forget_warm()
+    plain = [*FAST, "trainer.gradient_checkpointing=false"]
+    cold = run_trial(compose_cfg(tmp_path, [*plain, f"paths.output_dir={tmp_path}/a"], cache_dir))
+    assert not any(flags())
+    first = run_trial(compose_cfg(tmp_path, [*FAST, "trainer.gradient_checkpointing=true",
+                                             "trainer.checkpointed_layers=1", f"paths.output_dir={tmp_path}/b"], cache_dir))
+    assert first.warm_base and first.checkpointed_layers == 1 and flags()[0] and not any(flags()[1:])
+    every = run_trial(compose_cfg(tmp_path, [*FAST, "trainer.gradient_checkpointing=true",
+                                             f"paths.output_dir={tmp_path}/c"], cache_dir))
+    assert every.warm_base and all(flags()) and len(flags()) > 1
+    again = run_trial(compose_cfg(tmp_path, [*plain, f"paths.output_dir={tmp_path}/d"], cache_dir))
+    assert again.warm_base and not any(flags()) and not recipe._grads_hooked(recipe.WARM.base.model)
+    assert abs(again.eval_loss - cold.eval_loss) < 1e-4, (cold.eval_loss, again.eval_loss)
+    assert abs(every.eval_loss - cold.eval_loss) < 1e-4  # recomputation changes memory, not the result
+    recipe.forget_warm()
+
+
 def test_a_trial_of_another_base_loads_it_and_a_failed_trial_leaves_the_next_one_clean(tmp_path, cache_dir):
     """A trial with another quantization loads its own base (not the kept one); after a trial that fails (here:
     out of memory, raised at step 3) the next trial of the process loads its base again."""
