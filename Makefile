@@ -21,8 +21,13 @@ grid: ## A grid sweep over ranks: three trials
 sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets)
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
-test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest
+test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest; then the sweep-semantics tests again with sweep workers
 	$(PYTHON) -m pytest -q --durations=20
+	$(MAKE) --no-print-directory test-workers
+
+test-workers: ## The sweep-semantics and concurrency tests again with hydra.sweeper.mode=workers (~1.5 min; those about a trial's own process left out)
+	QLORA_EXP_SWEEP_MODE=workers $(PYTHON) -m pytest -q -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
+		-k "not ctrl_c_collects and not killed_trial_process"
 
 test-fast: ## Tests that start no trial and no driver (under a minute)
 	$(PYTHON) -m pytest -q -m "not slow"
