@@ -117,7 +117,6 @@ class _Warm:
     base: Base | None = None
     rows: dict = field(default_factory=dict)      # data_key -> (train rows, eval rows)
     tokenized: dict = field(default_factory=dict)  # data_key + tokenizer -> (train dataset, eval dataset)
-    lengths_checked: set = field(default_factory=set)  # (data_key, max_length) the warm base's tokenizer passed
     trials: int = 0
 
 
@@ -126,7 +125,7 @@ WARM = _Warm()
 
 def forget_warm() -> None:
     """Let the kept base and rows go (after a trial that failed, or ran out of memory): the next trial starts clean."""
-    WARM.base, WARM.rows, WARM.tokenized, WARM.lengths_checked = None, {}, {}, set()
+    WARM.base, WARM.rows, WARM.tokenized = None, {}, {}
     _free_memory()
 
 
@@ -154,23 +153,19 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
     from qlora_exp.models import load_tokenizer, random_model_dir, tokenizer_corpus
     from qlora_exp.validate import check_lengths
 
-    lengths = (plan.data_key, cfg.trainer.max_length)
     if WARM.base is not None and WARM.base.key == plan.base_key:
-        if lengths not in WARM.lengths_checked:  # the same rows, tokenizer and max_length pass as before
-            check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
-            WARM.lengths_checked.add(lengths)
+        check_lengths(cfg, train_rows, eval_rows, WARM.base.tokenizer)
         WARM.base.warm, WARM.base.load_s = True, 0.0
         return WARM.base
     if WARM.base is not None:
         log.info("this trial's base differs from the one loaded here: loading it again")
-        WARM.base, WARM.tokenized, WARM.lengths_checked = None, {}, set()
+        WARM.base, WARM.tokenized = None, {}
         _free_memory()
     start = time.perf_counter()
     m = cfg.model
     source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
     tokenizer = load_tokenizer(source, m)
     check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
-    WARM.lengths_checked = {lengths}
     model = _load_model(cfg, plan, source)
     WARM.base = Base(plan.base_key, model, tokenizer, source, quantized_layers(model),
                      round(time.perf_counter() - start, 2))
@@ -210,7 +205,7 @@ def set_checkpointing(model, plan: Plan) -> None:
         layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = plan.checkpointed_layers is None or i < plan.checkpointed_layers
-    elif model.is_gradient_checkpointing or _grads_hooked(model):
+    else:  # left on by the trial before
         if model.is_gradient_checkpointing:
             model.gradient_checkpointing_disable()
         if _grads_hooked(model):
