@@ -4,7 +4,7 @@ SEARCH ?= rank_alpha_lr
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep grid test test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
+.PHONY: help install train sweep grid test test-processes test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -21,13 +21,15 @@ grid: ## A grid sweep over ranks: three trials
 sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets)
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
-test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest; then the sweep-semantics tests again with sweep workers
+test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest, with sweep workers (the default); then the sweep-loop tests again with a process per trial
 	$(PYTHON) -m pytest -q --durations=20
-	$(MAKE) --no-print-directory test-workers
+	$(MAKE) --no-print-directory test-processes
 
-test-workers: ## The sweep-semantics and concurrency tests again with hydra.sweeper.mode=workers (~1.5 min; those about a trial's own process left out)
-	QLORA_EXP_SWEEP_MODE=workers $(PYTHON) -m pytest -q -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
-		-k "not ctrl_c_collects and not killed_trial_process"
+test-processes: ## The sweep-semantics, concurrency, recovery and driver-signal tests again with hydra.sweeper.mode=processes (those pinned to it already ran)
+	QLORA_EXP_SWEEP_MODE=processes $(PYTHON) -m pytest -q -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
+		tests/test_recovery.py tests/test_sweeper.py::test_killed_driver_resumes_without_rerunning_finished_trials \
+		tests/test_faults.py::test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_retry \
+		-k "not killed_trial_process and not paused_driver and not trial_controller and not whose_job_finished"
 
 test-fast: ## Tests that start no trial and no driver (under a minute)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +386,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
 
 
 def note_plan(plan: Plan) -> None:
-    for note in plan.notes:
-        warnings.warn(note, stacklevel=2)
+    for note in plan.notes:  # one log line each (a UserWarning as well printed it twice)
         log.warning(note)
     for note in (f"fused kernels: {plan.fused_note}", plan.memory_note):
         if note:

@@ -29,7 +29,7 @@ class Settings:
     study_dir: str = "outputs/multirun"
     n_trials: int | None = None
     n_jobs: int = 1
-    mode: str = "processes"
+    mode: str = "workers"
     wait_for_workers: bool = True
     slots_per_gpu: Any = None
     memory_estimate: str | None = None

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import signal
 import threading
 import time
@@ -43,7 +42,7 @@ class InProcessJob:
     """submitit's job interface, as the loop reads it, for a trial run in this process. The trial runs at the loop's
     first `done()` (after the loop recorded its job id), a thread beating its heartbeat meanwhile. Its result is
     pickled like submitit's (`<folder>/<job id>_result.pkl`): a worker killed between the trial's end and its tell
-    leaves a trial another worker completes from it."""
+    leaves a trial another worker completes from it. What the trial writes to stderr goes to `<folder>/<job id>_log.err`."""
 
     def __init__(self, fn, args: tuple, folder: Path, job_id: str, beat) -> None:
         self.job_id, self._fn, self._args, self._beat = job_id, fn, args, beat
@@ -63,6 +62,8 @@ class InProcessJob:
         return self._outcome is not None or self.cancelled
 
     def _run(self) -> None:
+        import cloudpickle
+
         from sweeper import loop
 
         self.state = "RUNNING"
@@ -70,14 +71,20 @@ class InProcessJob:
         beater = threading.Thread(target=self._beat_until, args=(stop,), daemon=True)
         beater.start()
         loop.IN_PROCESS_TRIAL["running"] = True
+        self.paths.folder.mkdir(parents=True, exist_ok=True)
+        # what the trial writes to stderr (warnings, progress bars, a thread's traceback) goes to its own file, as a
+        # trial process's goes to submitit's log: the terminal keeps the sweep's lines
+        err = open(self.paths.folder / f"{self.job_id}_log.err", "a")  # noqa: SIM115  (closed below)
         try:
-            value = self._fn(*self._args)
+            with contextlib.redirect_stderr(err):
+                value = self._fn(*self._args)
             self._outcome = ("success", value)
-            self.paths.folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(Exception):  # a value that does not pickle: the live outcome still counts
+            try:
                 tmp = self.paths.result_pickle.with_suffix(".tmp")
-                tmp.write_bytes(pickle.dumps(("success", value)))
+                tmp.write_bytes(cloudpickle.dumps(("success", value)))
                 tmp.replace(self.paths.result_pickle)
+            except Exception as e:  # noqa: BLE001  (a value that does not pickle, a full disk: the live outcome counts)
+                log.debug("trial %s: its result was not written to %s: %s", self.job_id, self.paths.result_pickle, e)
         except KeyboardInterrupt:  # the worker was asked to stop (Interrupts raised it in the trial): cut short
             self.state = "INTERRUPTED"
             return
@@ -86,6 +93,7 @@ class InProcessJob:
         finally:
             loop.IN_PROCESS_TRIAL["running"] = False
             stop.set()
+            err.close()
         self.state = "DONE"
 
     def _beat_until(self, stop: threading.Event) -> None:

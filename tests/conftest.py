@@ -30,6 +30,12 @@ FAST = ["trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_adapter=f
 # tokens in the environment of the session's shared trials: no file or output they write may hold them
 TOKEN, HUB_TOKEN = "hf_SECRETabc123", "hf_HUBsecret456"
 TOKENS = {"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": HUB_TOKEN}
+# the sweep mode the suite runs in: the default (workers) under `make test`'s first pass, processes under its second
+# (`make test-processes`, QLORA_EXP_SWEEP_MODE=processes); a test about what only a trial's own process has (its
+# submitit controller, its own SLURM job, its result pickle) pins PROCESSES, and tests/test_workers.py has the
+# workers' side of it
+SWEEP_MODE = os.environ.get("QLORA_EXP_SWEEP_MODE") or "workers"
+PROCESSES = "hydra.sweeper.mode=processes"
 
 
 @pytest.fixture(scope="session")

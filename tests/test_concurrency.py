@@ -13,7 +13,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from sweeper.storage import build_storage
-from tests.conftest import ROWS
+from tests.conftest import PROCESSES, ROWS
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "tests" / "toy_app" / "app.py"
@@ -50,8 +50,9 @@ def test_four_drivers_share_one_study_of_24_trials(tmp_path, storage):
 
 
 def test_killed_trial_process_is_fail_and_the_sweep_goes_on(tmp_path, cache_dir):
+    # a trial's own process killed (workers: tests/test_workers.py kills a worker mid-trial)
     args = ["-m", "lora.r=4,8", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.save_adapter=false", *ROWS,
-            f"paths.cache_dir={cache_dir}"]
+            f"paths.cache_dir={cache_dir}", PROCESSES]
     driver = subprocess.Popen([sys.executable, "-m", "qlora_exp", *args], cwd=tmp_path, text=True,
                               env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)

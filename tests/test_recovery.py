@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import wait_for
+from tests.conftest import PROCESSES, SWEEP_MODE, wait_for
 from tests.test_sweep_semantics import own_lines, study, toy_args, toy_env
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,9 @@ def no_traceback(*texts: str) -> None:
 def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_them_to_their_end(tmp_path):
     """kill -9 of the driver only: its two trials go on training (their processes are in sessions of their own).
     The rerun, at once (well inside stale_after_s: the dead driver ran on this host), takes both over from their
-    running jobs: each point is trained once, both COMPLETE, nothing FAIL, nothing queued again."""
+    running jobs: each point is trained once, both COMPLETE, nothing FAIL, nothing queued again. With workers (two
+    worker processes, each a driver of the study with a heartbeat of its own) they too outlive the driver and the
+    rerun waits for their trials."""
     grid = ("x=0,1", "sleep_s=4", "hydra.sweeper.n_jobs=2")
     first = start_toy(tmp_path, *grid)
     try:
@@ -84,7 +86,8 @@ def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
     no_traceback(out, err)
-    assert "watched here to its end, not run again" in out, out[-3000:]
+    said = "watched here to its end, not run again" if SWEEP_MODE == "processes" else "waiting for trial(s) 0, 1 of another driver"
+    assert said in out, out[-3000:]
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert sorted(t.params["x"] for t in trials) == [0, 1]
@@ -94,8 +97,9 @@ def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_
 def test_a_paused_driver_and_a_second_driver_train_each_point_once(tmp_path):
     """SIGSTOP of a driver past stale_after_s while a second driver of the same command starts: the second takes
     the paused driver's trial over from its running job (it is not run again); on SIGCONT the first driver finds
-    the trial taken over and ends without a traceback. The grid is trained point by point once."""
-    grid = ("x=0,1", "sleep_s=5", "hydra.sweeper.heartbeat_s=0.5", "hydra.sweeper.stale_after_s=2")
+    the trial taken over and ends without a traceback. The grid is trained point by point once. Processes only: a
+    paused worker pauses the trial it runs, which the second driver then retries (docs/reliability.md)."""
+    grid = ("x=0,1", "sleep_s=5", "hydra.sweeper.heartbeat_s=0.5", "hydra.sweeper.stale_after_s=2", PROCESSES)
     first = start_toy(tmp_path, *grid)
     second = None
     try:
@@ -126,8 +130,9 @@ def test_four_drivers_resuming_a_study_with_stale_trials_retry_each_once(tmp_pat
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver; its trials' controllers are in sessions of their own
         first.communicate()
-    for t in study(tmp_path).trials:  # and they, with their trials
-        os.kill(int(t.user_attrs["job_id"]), signal.SIGKILL)
+    for t in study(tmp_path).trials:  # and they, with their trials (a worker's job id is "<host>-<pid>-<tag>:<trial>")
+        job = t.user_attrs["job_id"]
+        os.kill(int(job) if job.isdigit() else int(job.split(":")[0].rsplit("-", 2)[1]), signal.SIGKILL)
     (tmp_path / "runs.jsonl").unlink()
     time.sleep(2.5)
     fast = tuple(a if not a.startswith("sleep_s=") else "sleep_s=0.5" for a in grid)
@@ -172,7 +177,7 @@ def test_a_rerun_waits_for_trials_another_live_driver_runs(tmp_path):
 def test_killing_a_trial_controller_kills_its_training(tmp_path):
     """kill -9 of a local trial's submitit controller: its training process ends with it (not minutes later beside
     the next trial), the trial is FAIL with its reason, and the sweep goes on to the next point."""
-    proc = start_toy(tmp_path, "x=0,1", "sleep_s=3", "sleep_per_x=0", "hydra.sweeper.max_failure_rate=1.0")
+    proc = start_toy(tmp_path, "x=0,1", "sleep_s=3", "sleep_per_x=0", "hydra.sweeper.max_failure_rate=1.0", PROCESSES)
     try:
         wait_for(lambda: len(runs(tmp_path)) == 1, timeout=60, what="the first trial training")
         trial = study(tmp_path).trials[0]
@@ -226,7 +231,8 @@ def test_a_resumed_random_search_suggests_new_points(tmp_path):
 def test_stale_trial_whose_job_finished_is_completed_from_its_result(tmp_path):
     """A driver killed after its trial's process wrote its result but before the driver collected it: the rerun
     completes the trial from that result, with its value, and trains nothing."""
-    first = start_toy(tmp_path, "x=2", "sleep_s=0.5", "hydra.sweeper.poll_s=30")  # the driver looks late
+    # (processes: a worker runs its trial in its own process and tells the result at once)
+    first = start_toy(tmp_path, "x=2", "sleep_s=0.5", "hydra.sweeper.poll_s=30", PROCESSES)  # the driver looks late
     try:
         def result_written():
             ts = study(tmp_path).trials if states(tmp_path) else []
@@ -236,7 +242,7 @@ def test_stale_trial_whose_job_finished_is_completed_from_its_result(tmp_path):
         os.killpg(first.pid, signal.SIGKILL)
         first.communicate()
     assert states(tmp_path) == [TrialState.RUNNING]
-    proc = start_toy(tmp_path, "x=2", "sleep_s=0.5")
+    proc = start_toy(tmp_path, "x=2", "sleep_s=0.5", PROCESSES)
     out, err = finish(proc)
     assert proc.returncode == 0, err[-2000:]
     assert "completed from its result" in out, out[-2000:]

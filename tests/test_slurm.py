@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import FAST, REPO, ROWS, read_metrics, run_cli
+from tests.conftest import FAST, PROCESSES, REPO, ROWS, read_metrics, run_cli
 
 
 def _slurm_up() -> bool:
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.skipif(not _slurm_up(), reason="no SLURM here: run scripts/slurm/up.sh (CI does)")]
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=1",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=15",
-         "hydra.launcher.signal_delay_s=30"]
+         "hydra.launcher.signal_delay_s=30", PROCESSES]  # each trial its own SLURM job (workers: the last test)
 
 
 def journal_study(cwd: Path) -> optuna.Study:
@@ -278,7 +278,7 @@ def test_slurmctld_down_at_the_next_submission_is_one_line_and_the_rerun_finishe
         f'#!/bin/sh\nif [ -e {flag} ]; then\n  echo "sbatch: error: Batch job submission failed: Unable to contact '
         f'slurm controller (connect failure)" >&2\n  exit 1\nfi\nexec {shutil.which("sbatch")} "$@"\n')
     (shim / "sbatch").chmod(0o755)
-    driver = toy_sweep(tmp_path, "x=0,1", "sleep_s=3", path_prefix=shim)
+    driver = toy_sweep(tmp_path, "x=0,1", "sleep_s=3", PROCESSES, path_prefix=shim)
     try:
         wait_for(lambda: any(t.user_attrs.get("job_id") for t in toy_study(tmp_path).trials), timeout=120,
                  what="the first trial submitted")
@@ -296,7 +296,7 @@ def test_slurmctld_down_at_the_next_submission_is_one_line_and_the_rerun_finishe
         "fail_reason"]
     assert retry.state == TrialState.WAITING and retry.params == cut.params
     flag.unlink()
-    out, err = ended(toy_sweep(tmp_path, "x=0,1", "sleep_s=3", path_prefix=shim))
+    out, err = ended(toy_sweep(tmp_path, "x=0,1", "sleep_s=3", PROCESSES, path_prefix=shim))
     trials = toy_study(tmp_path).trials
     assert sorted(t.params["x"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1], err[-3000:]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2  # each point trained once
@@ -305,7 +305,7 @@ def test_slurmctld_down_at_the_next_submission_is_one_line_and_the_rerun_finishe
 def test_a_request_sbatch_refuses_is_one_line_with_the_trial_queued_again(tmp_path):
     """sbatch refuses the request (more memory than any node has): one line naming SLURM's reason, exit 1, the
     trial queued again rather than left RUNNING with no job."""
-    out, err = ended(toy_sweep(tmp_path, "x=0,1", "hydra.launcher.mem_gb=100000"))
+    out, err = ended(toy_sweep(tmp_path, "x=0,1", "hydra.launcher.mem_gb=100000", PROCESSES))
     assert "Traceback" not in out + err, err[-3000:]
     (line,) = error_lines(err)
     assert line.startswith("error: trial 0 could not be submitted") and "sbatch" in line.lower(), line
@@ -317,7 +317,7 @@ def test_a_request_sbatch_refuses_is_one_line_with_the_trial_queued_again(tmp_pa
 def test_a_job_slurm_keeps_pending_is_said_so_with_its_reason(tmp_path):
     """A trial whose job SLURM holds back (here: a begin time an hour away) is not silence: the driver says it is
     PENDING, with SLURM's reason; Ctrl-C then cancels it and queues it again."""
-    driver = toy_sweep(tmp_path, "x=0", "hydra.sweeper.pending_note_s=2", "hydra.sweeper.heartbeat_s=1",
+    driver = toy_sweep(tmp_path, "x=0", PROCESSES, "hydra.sweeper.pending_note_s=2", "hydra.sweeper.heartbeat_s=1",
                        "+hydra.launcher.additional_parameters.begin=now+3600")
     try:
         lines = []
