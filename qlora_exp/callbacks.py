@@ -23,6 +23,8 @@ import time
 
 from transformers import TrainerCallback
 
+from sweeper import stop
+
 log = logging.getLogger(__name__)
 
 # Config keys logged as hparams by every trial: the knobs people sweep. Lists are joined with ",",
@@ -84,6 +86,7 @@ class TrialMetrics(TrainerCallback):
             self.loop_time = time.perf_counter() - self._loop_t
 
     def on_step_begin(self, args, state, control, **kw):
+        stop.check()  # a sweep worker asked to stop: cut short here, between steps (sweeper.stop)
         if self.first_step_at is None:
             self.first_step_at = time.time()
         self._t = time.perf_counter()
@@ -94,6 +97,9 @@ class TrialMetrics(TrainerCallback):
         seconds = time.perf_counter() - self._t
         self.train_time += seconds
         self.steps.append((seconds, state.num_input_tokens_seen - self._tokens))
+
+    def on_prediction_step(self, args, state, control, **kw):
+        stop.check()  # and between evaluation batches
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if metrics and "eval_loss" in metrics:

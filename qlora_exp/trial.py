@@ -79,7 +79,9 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     """The recipe's phases (qlora_exp.recipe): plan, build base, attach adapter, train, collect. In a sweep worker
     the base (and the tokenized rows) of the previous trial are reused when this trial's are the same."""
     from qlora_exp import recipe
+    from sweeper import stop
 
+    stop.at_safe_points()  # in a sweep worker, Ctrl-C cuts this trial short at stop.check(), not mid-import or mid-load
     start = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,11 +109,14 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         if torch.cuda.is_available():
             result.memory_at_start_gb = round(torch.cuda.memory_allocated() / 2**30, 3)
         mark = _phase(result, "plan", start)
+        stop.check()
         base = recipe.build_base(cfg, plan, train_rows, eval_rows)
         result.quantized, result.warm_base, result.base_load_s = base.quantized, base.warm, base.load_s
         mark = _phase(result, "base", mark)
+        stop.check()
         model = recipe.attach_adapter(base, cfg, plan)
         _phase(result, "adapter", mark)
+        stop.check()
         run = recipe.train(cfg, plan, base, model, out, board, train_rows, eval_rows)
         recipe.collect(cfg, plan, base, model, run, out, result)
     except BaseException as e:

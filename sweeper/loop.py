@@ -39,6 +39,7 @@ from sweeper.policy import (
     storage_fault,
 )
 from sweeper.results import write_results
+from sweeper.stop import STATE as IN_PROCESS_TRIAL  # a sweep worker's own trial: how it is cut short
 
 log = logging.getLogger("qlora_exp.sweeper")
 
@@ -61,13 +62,9 @@ class Running:
     noted: float = 0.0
 
 
-# a sweep worker's trial runs in the loop's own process (sweeper.workers): the first interrupt cuts it short
-IN_PROCESS_TRIAL = {"running": False, "interrupted": False}
-
-
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM (scancel of the driver) while the loop runs: counted, one line each. In a sweep
-    worker the first also raises KeyboardInterrupt in the trial it runs (the trial is cut short, queued again)."""
+    worker the first also cuts short the trial it runs (sweeper.stop: the trial is queued again)."""
 
     def __init__(self, signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.count = 0
@@ -89,7 +86,9 @@ class Interrupts:
                 if self.count == 1 else f"{name} again: still stopping; no trial is lost by waiting\n")
         os.write(2, line.encode())  # not print(): a handler may run in the middle of another print
         IN_PROCESS_TRIAL["interrupted"] = True
-        if self.count == 1 and IN_PROCESS_TRIAL["running"]:
+        # a trial that checks for a stop at its safe points (qlora_exp's: between phases, at each step) is left to
+        # do so; any other, or a second signal, is cut short here, wherever it is (sweeper.stop)
+        if IN_PROCESS_TRIAL["running"] and (self.count > 1 or not IN_PROCESS_TRIAL["safe_points"]):
             raise KeyboardInterrupt
 
 
@@ -113,6 +112,7 @@ class Loop:
         self.running: dict[int, Running] = {}
         self.stop: str | None = None  # why no more trials start: the running ones are still collected
         self.worker_job = None  # a sweep worker's own job (sweeper.workers): told which trial it runs, for a requeue
+        self.left_to_worker: set[int] = set()  # stale trials whose worker's SLURM job is still queued (said once)
 
     def stopping(self, reason: str) -> None:
         """No more trials start; those running are collected before the driver exits with `reason`."""
@@ -247,6 +247,8 @@ class Loop:
             # the worker's own job: its SLURM job id, its local controller's pid, or this process (the driver's own)
             trial.set_user_attr("worker_job", os.environ.get("SLURM_JOB_ID") or os.environ.get(
                 "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
+            if os.environ.get("SLURM_JOB_ID"):  # what `python -m sweeper.status` asks SLURM about
+                trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
         log.info("trial %d started (slot %d, job %s): %s", trial.number, slot, job.job_id,
                  " ".join(f"{k}={short(v)}" for k, v in trial.params.items()))
         return Running(trial, job, folder, slot, since=time.time())
@@ -346,7 +348,15 @@ class Loop:
         from sweeper.local_jobs import adopt_job
 
         s, study = self.s, self.s.study
-        for t in stale_trials(study, s.settings.stale_after_s, mine=set(self.running)):
+        stale = stale_trials(study, s.settings.stale_after_s, mine=set(self.running))
+        queued = queued_slurm_jobs([t.user_attrs["slurm_job"] for t in stale if t.user_attrs.get("slurm_job")])
+        for t in stale:
+            if t.user_attrs.get("slurm_job") in queued:  # its worker's SLURM job is still queued or running: a
+                if t.number not in self.left_to_worker:  # preempted worker waits for its requeue, then resumes it
+                    self.left_to_worker.add(t.number)
+                    log.info("trial %d: its worker's SLURM job %s is still in the queue (requeued after a "
+                             "preemption?): left for it to resume", t.number, t.user_attrs["slurm_job"])
+                continue
             folder = Path(t.user_attrs.get("folder", s.folder / str(t.number)))
             job = None
             here = s.kind == "slurm" or driver_host(t.system_attrs.get(DRIVER)) == socket.gethostname()
@@ -445,6 +455,28 @@ def task_value(ret: Any) -> Any:
     if ret.status != JobStatus.COMPLETED:
         raise ret._return_value
     return ret._return_value
+
+
+def queued_slurm_jobs(job_ids: list[str]) -> set[str]:
+    """The SLURM jobs of `job_ids` that squeue still lists (pending, requeued, running, completing); all of them
+    when SLURM cannot be asked (a trial is never taken from a worker that may still resume it)."""
+    import subprocess
+
+    if not job_ids:
+        return set()
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(sorted(set(job_ids)))],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return set(job_ids)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:  # slurmctld not answering
+        return set(job_ids)
+    rows = [line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2]
+    return {job for job, state in rows if state not in ENDED_SLURM_STATES} & set(job_ids)
+
+
+ENDED_SLURM_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                      "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}  # squeue -j lists these a while too
 
 
 def _pending_reason(job_id: str) -> str:

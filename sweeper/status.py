@@ -33,12 +33,20 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def slurm_job(t) -> str:
+    """The trial's SLURM job: its own (a trial per job) or its worker's; "" for a local one (a process id, which
+    SLURM is not asked about: it could be another job's id)."""
+    if t.user_attrs.get("slurm_job"):
+        return str(t.user_attrs["slurm_job"])
+    return str(t.user_attrs.get("job_id", "")) if t.user_attrs.get("job_kind") == "slurm" else ""
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     trials = study.get_trials(deepcopy=False)
-    slurm = slurm_states([str(t.user_attrs.get("job_id", "")) for t in trials])
+    slurm = slurm_states([slurm_job(t) for t in trials])
     rows = []
     for t in trials:
-        job = str(t.user_attrs.get("job_id", ""))
+        job = slurm_job(t) or str(t.user_attrs.get("job_id", ""))
         value = ", ".join(f"{v:.4f}" for v in t.values) if t.values else ""
         note = t.user_attrs.get("fail_reason") or (f"pruned at step {t.user_attrs['pruned_at_step']}"
                                                    if "pruned_at_step" in t.user_attrs else "")

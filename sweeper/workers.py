@@ -70,7 +70,7 @@ class InProcessJob:
         stop = threading.Event()
         beater = threading.Thread(target=self._beat_until, args=(stop,), daemon=True)
         beater.start()
-        loop.IN_PROCESS_TRIAL["running"] = True
+        loop.IN_PROCESS_TRIAL.update(running=True, safe_points=False)  # the trial may say at_safe_points()
         self.paths.folder.mkdir(parents=True, exist_ok=True)
         # what the trial writes to stderr (warnings, progress bars, a thread's traceback) goes to its own file, as a
         # trial process's goes to submitit's log: the terminal keeps the sweep's lines

@@ -352,3 +352,103 @@ def test_workers_on_slurm_are_one_job_each_and_pull_every_trial(tmp_path):
     assert all(sacct_state(j) == "COMPLETED" for j in jobs), {j: sacct_state(j) for j in jobs}
     started = [json.loads(line)["x"] for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sorted(started) == [0, 1, 2, 3]  # nothing ran twice
+
+
+def test_a_worker_sbatch_refuses_is_one_line_and_no_trial_is_started(tmp_path):
+    """Workers on SLURM, sbatch refusing the worker's request (more memory than any node has): one line naming
+    SLURM's reason, exit 1, and the study holds no trial left RUNNING with no job (none was started)."""
+    out, err = ended(toy_sweep(tmp_path, "x=0,1", "hydra.launcher.mem_gb=100000", "hydra.sweeper.mode=workers",
+                               "hydra.sweeper.n_jobs=1"))
+    assert "Traceback" not in out + err, err[-3000:]
+    lines = error_lines(err)
+    assert any("could not be submitted" in line and "sbatch" in line.lower() for line in lines), lines
+    assert lines[-1].startswith("error: worker 0 could not be submitted") and "no trial was started" in lines[-1], lines
+    assert not [t for t in toy_study(tmp_path).trials if t.state == TrialState.RUNNING]
+    assert not (tmp_path / "runs.jsonl").exists()  # nothing trained
+
+
+def test_a_detached_worker_sweep_is_shown_by_sweeper_status_and_finishes(tmp_path):
+    """`hydra.sweeper.wait_for_workers=false`: the driver exits 0 right after submitting the workers, naming
+    `python -m sweeper.status`; that command shows the sweep while the worker jobs train it to the end."""
+    driver = toy_sweep(tmp_path, "x=0,1,2", "sleep_s=2", "hydra.sweeper.mode=workers", "hydra.sweeper.n_jobs=1",
+                       "hydra.sweeper.wait_for_workers=false")
+    out, err = ended(driver, timeout=120)
+    assert driver.returncode == 0 and "Traceback" not in out + err, err[-3000:]
+    assert "python -m sweeper.status" in out + err, (out + err)[-3000:]
+    assert not [t for t in toy_study(tmp_path).trials if t.state == TrialState.COMPLETE]  # it did not wait
+    folder = next((tmp_path / "runs").iterdir())
+    wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in toy_study(tmp_path).trials) == 3, timeout=240,
+             what="the worker to finish the grid")
+    status = subprocess.run([sys.executable, "-m", "sweeper.status", str(folder)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "3 complete" in status.stdout, status.stdout
+    (job,) = {t.user_attrs["worker_job"] for t in toy_study(tmp_path).trials}
+    rows = [line.split() for line in status.stdout.splitlines()[3:]]
+    assert [r[:3] for r in rows] == [[str(n), "COMPLETE", job] for n in range(3)], status.stdout  # the worker's job
+    wait_for(lambda: all(r[3] == "COMPLETED" for r in [line.split() for line in subprocess.run(
+        [sys.executable, "-m", "sweeper.status", str(folder)], cwd=REPO, capture_output=True, text=True,
+        timeout=120).stdout.splitlines()[3:]]), timeout=60, what="the worker job COMPLETED in the status")
+    assert sorted(json.loads(line)["x"] for line in (tmp_path / "runs.jsonl").read_text().splitlines()) == [0, 1, 2]
+
+
+def test_a_preempted_worker_resumes_its_trial_from_its_checkpoint_as_the_same_trial(tmp_path, cache_dir):
+    """One worker job on SLURM, preempted (submitit's SIGUSR2 path) while its trial trains: the job is requeued
+    and the worker resumes that trial from its checkpoint, as the same trial (one trial in the study, COMPLETE,
+    resumed from step >= 20), and then the worker goes on to the grid's next point."""
+    import submitit
+
+    slurm = [a for a in SLURM if a != PROCESSES]
+    driver = start_driver(["-m", "lora.r=8,16", *ROWS, "trainer.max_steps=60", "trainer.eval_every=10",
+                           "hydra.sweeper.mode=workers", "hydra.sweeper.n_jobs=1", *slurm], tmp_path, cache_dir)
+    try:
+        trial = wait_for(lambda: next(t for t in journal_study(tmp_path).trials
+                                      if t.state == TrialState.RUNNING and "worker_job" in t.user_attrs),
+                         what="a running trial with its worker job")
+        folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["worker_job"]
+        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-20")), what="checkpoint-20")
+        submitit.SlurmJob(folder=folder.parent / ".submitit", job_id=job_id)._interrupt()
+        deadline = time.time() + 420
+        while driver.poll() is None and time.time() < deadline:
+            queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+            if "PENDING" in queue:  # a requeued job waits for its begin time (about 2 minutes): release it now
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+            time.sleep(2)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0 and "Traceback" not in out, out[-3000:]
+    trials = journal_study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE], [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    first = next(t for t in trials if t.number == trial.number)
+    assert first.user_attrs["worker_job"] == job_id  # the same job, requeued
+    m = read_metrics(folder)
+    assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= 20, m
+    assert m["steps"] == 60 and m["eval_loss"] == pytest.approx(first.value)
+
+
+def test_a_worker_job_cancelled_mid_trial_leaves_a_trial_the_next_worker_retries(tmp_path):
+    """The worker's SLURM job is cancelled while its trial runs (a node lost, an admin's scancel): its job ends
+    CANCELLED, so its trial is not waited for as a requeued worker's would be; the driver starts a worker again,
+    which fails the cut trial as its driver's loss and trains its retry: every point COMPLETE in the end."""
+    driver = toy_sweep(tmp_path, "x=0,1", "sleep_s=15", "hydra.sweeper.mode=workers", "hydra.sweeper.n_jobs=1")
+    try:
+        trial = wait_for(lambda: next(t for t in toy_study(tmp_path).trials
+                                      if t.state == TrialState.RUNNING and "slurm_job" in t.user_attrs),
+                         timeout=120, what="a running trial with its worker's SLURM job")
+        subprocess.run(["scancel", trial.user_attrs["slurm_job"]], check=True)
+        out, err = ended(driver, timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0 and "Traceback" not in out + err, (out + err)[-3000:]
+    by_x: dict = {}
+    for t in toy_study(tmp_path).trials:
+        by_x.setdefault(t.params["x"], []).append(t)
+    cut = by_x[trial.params["x"]]
+    assert [t.state for t in cut] == [TrialState.FAIL, TrialState.COMPLETE], [(t.state, t.user_attrs) for t in cut]
+    assert "driver stopped" in cut[0].user_attrs["fail_reason"]
+    other = 1 - trial.params["x"]
+    assert [t.state for t in by_x[other]] == [TrialState.COMPLETE]
+    assert sacct_state(trial.user_attrs["slurm_job"]).startswith("CANCELLED")

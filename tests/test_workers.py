@@ -187,3 +187,29 @@ def test_ctrl_c_of_the_driver_stops_its_workers_and_queues_the_trials_they_cut_s
     states = sorted((t.params["x"], t.state.name) for t in study(tmp_path).trials)
     assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (1, "FAIL")], states
     assert [r["x"] for r in runs(tmp_path)].count(0) == 1
+
+
+def test_a_trial_at_safe_points_is_only_asked_to_stop_by_the_first_signal_and_cut_by_a_second(capfd):
+    """sweeper.stop: a worker's trial that said at_safe_points() is not interrupted where the signal lands; it stops
+    at its next check(); a second signal cuts it at once. A trial that did not say so is cut at the first."""
+    from sweeper import stop
+    from sweeper.loop import Interrupts
+
+    try:
+        with Interrupts(()) as irq:  # no handler installed: the signals are delivered by hand
+            stop.STATE.update(running=True, safe_points=False)
+            with pytest.raises(KeyboardInterrupt):
+                irq._handle(signal.SIGTERM, None)
+        with Interrupts(()) as irq:
+            stop.STATE.update(running=True)
+            stop.check()  # nothing asked yet
+            stop.at_safe_points()
+            irq._handle(signal.SIGTERM, None)  # only asks
+            with pytest.raises(KeyboardInterrupt, match="asked to stop"):
+                stop.check()
+            with pytest.raises(KeyboardInterrupt):
+                irq._handle(signal.SIGINT, None)
+        assert irq.count == 2
+        assert "Ctrl-C again: still stopping" in capfd.readouterr().err
+    finally:
+        stop.STATE.update(running=False, interrupted=False, safe_points=False)
