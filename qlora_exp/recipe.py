@@ -184,11 +184,25 @@ def _load_model(cfg: DictConfig, plan: Plan, source: str):
     device_map = {"": torch.cuda.current_device()} if device.cuda else None
     model = load_base_model(source, cfg.model, quant, dtype, device_map)
     model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
+    keep_trainable_layout(model)
     if plan.fused:
         apply_fused_kernels(model)
     if quant is not None and cfg.quantization.upcast_frozen:  # the article's: frozen non-quantized weights in fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def keep_trainable_layout(model) -> None:
+    """bitsandbytes' 4-bit layers, on a CPU with AVX512-BF16, repack their weights for its inference kernel the first
+    time they run in eval mode (the evaluation at step 0) and keep that layout: every later training step then goes
+    through `gemv_4bit`, which has no backward, so no gradient flows through the frozen base's projections into the
+    layers below (torch says so once: "gemv_4bit: an autograd kernel was not registered ... silently incorrect";
+    layer 0's lora_B gradient came out 0). Training keeps the layout it can differentiate: the repacking is off."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def set_checkpointing(model, plan: Plan) -> None:

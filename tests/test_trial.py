@@ -86,3 +86,45 @@ def test_merge_refuses_a_folder_without_adapter(tmp_path):
 
     with pytest.raises(SystemExit, match="has no adapter_config.json"):
         merge_main([str(tmp_path)])
+
+
+def test_an_evaluation_leaves_the_gradients_through_the_4bit_base_unchanged(tmp_path, cache_dir):
+    """The evaluation at step 0 used to switch bitsandbytes' 4-bit layers (on an AVX512-BF16 CPU, this machine's)
+    to their inference layout for good: every later step ran through gemv_4bit, which has no backward, and layer 0's
+    lora_B gradient came out 0 (torch's "gemv_4bit: an autograd kernel was not registered" warning). Now a step after
+    an evaluation has exactly the gradients of a step before it, and no layer is repacked."""
+    import warnings
+
+    from qlora_exp import recipe
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["lora.dropout=0"], cache_dir)
+    plan = recipe.plan_trial(cfg)
+    train_rows, eval_rows = recipe.rows_for(cfg, plan)
+    try:
+        base = recipe.build_base(cfg, plan, train_rows, eval_rows)
+        model = recipe.attach_adapter(base, cfg, plan)
+        ids = torch.randint(0, base.tokenizer.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+
+        def step_grads() -> dict:
+            model.train()
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        before = step_grads()
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            after = step_grads()
+        assert not [w for w in caught if "gemv_4bit" in str(w.message)]
+        assert not [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                          "packing_format_for_cpu", False)]
+        first = next(n for n in before if "layers.0." in n and "lora_B" in n)
+        assert before[first].abs().max() > 0
+        for name, grad in before.items():
+            assert torch.equal(grad, after[name]), name
+    finally:
+        recipe.forget_warm()
