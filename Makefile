@@ -7,7 +7,8 @@ ARGS ?=
 .PHONY: help install train sweep grid test test-processes test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@if [ -t 1 ]; then c='\033[36m'; r='\033[0m'; else c=''; r=''; fi; \
+	grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -v c="$$c" -v r="$$r" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-12s%s %s\n", c, $$1, r, $$2}'
 
 install: ## Install qlora_exp and its pinned dependencies (CPU torch here; see README for GPU)
 	$(PYTHON) -m pip install torch==2.13.0 -e ".[dev]"

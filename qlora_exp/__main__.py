@@ -286,6 +286,9 @@ def _check_writable(key: str, folder: Path) -> None:
 
 
 def cli() -> None:
+    if {"-v", "--verbose"} & set(sys.argv[1:]):  # everything on the terminal (qlora_exp.quiet), in every trial process
+        sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
+        os.environ["QLORA_EXP_VERBOSE"] = "1"
     try:
         check_group_choices(sys.argv[1:])
         try:

@@ -119,6 +119,51 @@ class TrialMetrics(TrainerCallback):
         return sum(n for _, n in rest) / seconds if len(rest) >= 3 and seconds else None
 
 
+class TrialProgress(TrainerCallback):
+    """The trial's progress on the terminal, in place of the Trainer's printed metric dicts: a tqdm bar of its steps
+    (an interactive terminal, a single run: qlora_exp.quiet.bar_wanted) or one line per evaluation; every dict the
+    Trainer logs goes to the trial's log file (the qlora_exp.detail logger)."""
+
+    def __init__(self, bar: bool):
+        self.bar_wanted, self.bar, self.train_loss = bar, None, None
+        self.detail, self.lines = logging.getLogger("qlora_exp.detail"), logging.getLogger("qlora_exp.trial")
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.bar_wanted and self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        logs.pop("total_flos", None)
+        self.detail.info("step %d: %s", state.global_step, logs)
+        if "loss" in logs:
+            self.train_loss = float(logs["loss"])
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{self.train_loss:.3f}", refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if not metrics or "eval_loss" not in metrics:
+            return
+        line = f"step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}" + (
+            f", train loss {self.train_loss:.4f}" if self.train_loss is not None else "")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.train_loss or float('nan'):.3f}", eval=f"{metrics['eval_loss']:.3f}")
+            self.detail.info(line)
+        else:
+            self.lines.info(line)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class TrialBoard:
     """The trial's TensorBoard run folder: one writer for its scalars, and the hparams row at the end.
 

@@ -290,7 +290,8 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     from hydra.utils import instantiate
     from trl import SFTTrainer
 
-    from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics
+    from qlora_exp import quiet
+    from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics, TrialProgress
     from qlora_exp.packing import PackedBatchCollator
 
     if plan.device.cuda:
@@ -321,6 +322,12 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         processing_class=base.tokenizer,
         callbacks=[metrics, tb, *extra],
     )
+    if not quiet.verbose():  # the Trainer's own printer (a dict per log, its bars) gives way to the trial's lines
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TrialProgress(quiet.bar_wanted()))
     WARM.tokenized = {(plan.data_key, id(base.tokenizer)): (trainer.train_dataset, trainer.eval_dataset)}
     counts = {"rows": 0, "positions": 0}
 

@@ -82,6 +82,9 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     from sweeper import stop
 
     stop.at_safe_points()  # in a sweep worker, Ctrl-C cuts this trial short at stop.check(), not mid-import or mid-load
+    from qlora_exp.quiet import quiet_console
+
+    quiet_console()  # the terminal gets the trial's own lines; the log file, everything
     start = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,31 @@ def test_a_null_seed_is_derived_from_the_study_name():
         return [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params["x"] for _ in range(3)]
 
     assert first_suggestions("study-a") == first_suggestions("study-a") != first_suggestions("study-b")
+
+
+def test_help_begins_with_qlora_exp_s_own_usage():
+    """`python -m qlora_exp --help`: qlora_exp's usage (a trial, a sweep, SLURM, -v, the status) before Hydra's groups."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "qlora_exp", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert out.startswith("qlora_exp: QLoRA fine-tuning"), out[:300]
+    usage, groups = out.index("== Usage =="), out.index("== Configuration groups ==")
+    assert usage < groups and "powered by Hydra" not in out
+    for shown in ("python -m qlora_exp -m lora.r=8,16,64", "search=rank_alpha_lr", "hydra/launcher=slurm", " -v ",
+                  "python -m sweeper.status"):
+        assert shown in out[usage:groups], shown
+    assert "search: lr_only, rank_alpha_lr, targets" in out[groups:]
+
+
+def test_make_help_is_plain_text_when_piped():
+    import subprocess
+
+    from tests.conftest import REPO
+
+    out = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "\033" not in out and out.splitlines()[0].split()[:2] == ["help", "List"], out[:300]

@@ -253,3 +253,21 @@ def test_a_custom_search_space_that_raises_stops_the_sweep_in_one_line(tmp_path)
         in lines[0], proc.stderr[-2000:]
     (trial,) = study(tmp_path).trials
     assert trial.state == TrialState.FAIL and "max_z_difference_from_x" in trial.user_attrs["fail_reason"]
+
+
+def test_sweep_status_of_a_local_sweep_asks_slurm_nothing(tmp_path):
+    """`python -m sweeper.status` on a local sweep: its trials' job ids are process ids, which SLURM is not asked
+    about (squeue and sacct took seconds per call, and a process id can be a real job's id); the table lists every
+    trial."""
+    proc = run_toy(tmp_path, "x=0,1", "hydra.sweeper.mode=processes")  # a trial per process: its job id, a pid
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shim, called = tmp_path / "bin", tmp_path / "slurm-called"
+    shim.mkdir()
+    for tool in ("squeue", "sacct"):
+        (shim / tool).write_text(f"#!/bin/sh\necho {tool} >> {called}\n")
+        (shim / tool).chmod(0o755)
+    status = subprocess.run([sys.executable, "-m", "sweeper.status", str(tmp_path / "runs" / "toy")], cwd=REPO,
+                            env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}, capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "2 complete" in status.stdout and not called.exists(), status.stdout

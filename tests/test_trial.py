@@ -128,3 +128,26 @@ def test_an_evaluation_leaves_the_gradients_through_the_4bit_base_unchanged(tmp_
             assert torch.equal(grad, after[name]), name
     finally:
         recipe.forget_warm()
+
+
+def test_a_default_trial_prints_a_few_lines_and_its_log_keeps_the_rest(default_trial):
+    """`python -m qlora_exp`: at most 15 lines on the terminal (the plan's notes, the folder, a line per evaluation,
+    the result), no metric dicts, progress bars or library warnings; the trial's log file keeps the Trainer's dicts
+    and says what was left off the terminal and why."""
+    lines = [line for line in (default_trial / "test-output.txt").read_text().splitlines() if line.strip()]
+    assert len(lines) <= 15, "\n".join(lines)
+    noise = [line for line in lines if "{'" in line or "Warning" in line or "it/s" in line or "warn(" in line]
+    assert not noise, noise
+    evals = [line for line in lines if "eval loss" in line]
+    assert len(evals) >= 3 and "step 0/" in evals[0], lines
+    assert "trial complete" in lines[-1], lines
+    log = (default_trial / "__main__.log").read_text()
+    assert "'loss'" in log and "'eval_loss'" in log and "left off the terminal (harmless; shown with -v)" in log
+
+
+def test_verbose_shows_the_trainer_s_own_lines(tmp_path, cache_dir):
+    from tests.conftest import FAST, run_cli
+
+    proc = run_cli(["-v", *FAST], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "{'loss'" in proc.stdout + proc.stderr and "'eval_loss'" in proc.stdout + proc.stderr
