@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import qlora_exp  # noqa: F401  (registers the config resolvers)
 from qlora_exp.errors import ConfigError
@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> float | None:
         log.debug("refused: %s", mask_passwords(str(e)))  # into the run's log file
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {mask_passwords(str(e))}", file=sys.stderr)
+        print(f"error: {'' if e.context else needs_prefix(cfg)}{mask_passwords(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:
         # a full or read-only disk mid-trial: one line for a single run; a sweep's trial keeps the exception,
@@ -77,6 +77,22 @@ def main(cfg: DictConfig) -> float | None:
                              f"TensorBoard run {cfg.paths.tensorboard_dir}; what they hold so far stays)"), file=sys.stderr)
         raise SystemExit(1) from None
     return result.objective
+
+
+def needs_prefix(cfg: DictConfig, overrides: list[str] | None = None) -> str:
+    """`experiment=article_recipe needs a GPU with bf16 and the Hugging Face hub (...): ` when the config says it needs
+    something (its `needs` key): a refusal on a machine without it then says what the recipe is for. `overrides`:
+    the command's (before Hydra runs the job), else Hydra's record of its choices."""
+    needs = OmegaConf.select(cfg, "needs", default=None)
+    if not needs:
+        return ""
+    if overrides is not None:
+        experiment = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("experiment=")), None)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return f"{f'experiment={experiment}' if experiment else 'this config'} needs {needs}: "
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -161,6 +177,7 @@ def check_command(argv: list[str]) -> None:
 
     from qlora_exp.data import load_rows
     from qlora_exp.device import DeviceInfo
+    from qlora_exp.hub import check_reachable
     from qlora_exp.validate import check_config, check_lengths
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -171,6 +188,10 @@ def check_command(argv: list[str]) -> None:
     groups = GroupOptions(argv)
     for o in OverridesParser.create().parse_overrides(args.overrides):
         key = o.get_key_element()
+        if key.lstrip("+~") == "search" and not args.multirun and o.value() not in (None, "null"):
+            raise ConfigError(key, o.input_line.split("=", 1)[1], "with -m only: a search space is what a sweep "
+                              f"searches (python -m qlora_exp -m {o.input_line}); without -m one trial runs, "
+                              "and it would ignore the search")
         if not o.is_sweep_override():
             compose_args.append(o.input_line)
         elif o.is_hydra_override():  # Hydra sweeps none of its own settings: a comma in a value, most likely
@@ -194,7 +215,11 @@ def check_command(argv: list[str]) -> None:
     OmegaConf.set_struct(task, False)
     task.paths.output_dir = str(Path(cfg.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
     _check_interpolations(task)
-    check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
+    try:
+        check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
+        check_reachable(task)  # a hub dataset or model and no hub: one line now, not half a minute of retries
+    except ConfigError as e:  # what the config says it needs comes first (an experiment's `needs`)
+        raise ConfigError(e.key, e.value, e.accepted, needs_prefix(cfg, args.overrides)) from None
     if task.data.source == "jsonl":
         train, evals = load_rows(task.data, task.trainer.seed)
         check_lengths(task, train, evals)  # imports transformers: last, after every cheaper check
@@ -220,6 +245,10 @@ def _compose(config_name: str, overrides: list[str], argv: list[str]):
         try:
             return GlobalHydra.instance().hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN,
                                                                from_shell=True, with_log_configuration=False)
+        except ValueError as e:  # Hydra's own, e.g. a group set to null ("must be a string or a list")
+            key, _, value = next((a for a in argv if "=" in a and "null" in a.split("=", 1)[1]), "?=?").partition("=")
+            raise ConfigError(key, value, f"{_first_line(e)}: a group takes one of its options, or ~{key.lstrip('+~')} "
+                              "leaves it out") from None
         except (HydraException, OmegaConfBaseException) as e:
             import re
 
@@ -299,7 +328,7 @@ def cli() -> None:
             log.debug("command check skipped: %s", e)
     except ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise ConfigError(e.key, mask_passwords(str(e.value)), mask_passwords(e.accepted)) from None
+            raise ConfigError(e.key, mask_passwords(str(e.value)), mask_passwords(e.accepted), e.context) from None
         print(f"error: {mask_passwords(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     main()  # pylint: disable=no-value-for-parameter

@@ -4,6 +4,6 @@
 class ConfigError(ValueError):
     """Bad configuration or input data, found before any model is loaded."""
 
-    def __init__(self, key: str, value, accepted: str):
-        self.key, self.value, self.accepted = key, value, accepted
-        super().__init__(f"{key}={value!r} is not accepted: {accepted}")
+    def __init__(self, key: str, value, accepted: str, context: str = ""):
+        self.key, self.value, self.accepted, self.context = key, value, accepted, context
+        super().__init__(f"{context}{key}={value!r} is not accepted: {accepted}")

@@ -90,10 +90,7 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     out.mkdir(parents=True, exist_ok=True)
     plan = recipe.plan_trial(cfg)  # ConfigError here: nothing heavy is loaded before the checks pass
     recipe.note_plan(plan)
-    train_rows, eval_rows = recipe.rows_for(cfg, plan)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
-             len(eval_rows), plan.precision, plan.device.name, plan.optimizer)
     result = TrialResult(status="failed", objective=None, optimizer=plan.optimizer, precision=plan.precision,
                          device=plan.device.name, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"), micro_batch_size=plan.micro_batch_size,
@@ -111,6 +108,10 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         result.cpu_threads = torch.get_num_threads()
         if torch.cuda.is_available():
             result.memory_at_start_gb = round(torch.cuda.memory_allocated() / 2**30, 3)
+        # the rows (a hub dataset that cannot be reached fails here: recorded in metrics.json like any failure)
+        train_rows, eval_rows = recipe.rows_for(cfg, plan)
+        log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),
+                 len(eval_rows), plan.precision, plan.device.name, plan.optimizer)
         mark = _phase(result, "plan", start)
         stop.check()
         base = recipe.build_base(cfg, plan, train_rows, eval_rows)

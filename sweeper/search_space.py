@@ -41,8 +41,8 @@ _SCALARS = (str, int, float, bool, type(None))
 _KEY = "key=value with a non-empty config key such as optimizer.lr"
 _CHOICE = "choice(a, b, ...), a,b,... or a YAML list, with at least one str/int/float/bool/null option"
 _RANGE = "range(start, stop[, step]) with start < stop and step > 0"
-_INTERVAL = "interval(low, high) or int(interval(low, high)) with low <= high"
-_LOG = "tag(log, interval(low, high)) or tag(log, int(interval(low, high))) with 0 < low <= high"
+_INTERVAL = "interval(low, high) or int(interval(low, high)) with low < high"
+_LOG = "tag(log, interval(low, high)) or tag(log, int(interval(low, high))) with 0 < low < high"
 _TAGS = f"{_LOG}; no tag on any other sweep"
 _ANY = f"{_CHOICE}; {_RANGE}; {_INTERVAL}; {_LOG}; or a fixed value"
 
@@ -123,6 +123,8 @@ def _interval(key: str, text: str, value: IntervalSweep) -> BaseDistribution:
         raise _error(key, text, f"has unknown tag combination {sorted(tags)}", _TAGS)
     if low > high:
         raise _error(key, text, "has low > high", _INTERVAL)
+    if low == high:  # one point: nothing to search (Optuna would sample it n_trials times)
+        raise _error(key, text, "has low == high, a single value", f"{_INTERVAL}; one value is fixed as {key}={low}")
     log = "log" in tags
     if log and low <= 0:
         raise _error(key, text, "is log scale with low <= 0", _LOG)

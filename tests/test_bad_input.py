@@ -207,6 +207,11 @@ CASES = [
      "is not accepted: a JSON-lines file with at least one row"),
     ("data_one_row", ["data=jsonl", "data.train_path={one_row}"], "data.train_path", "at least 2 rows to hold out"),
     ("data_source_unknown", ["data.source=csv"], "data.source", "'csv' is not accepted: one of jsonl, hub"),
+    # dead ends a new user met (issue #16)
+    ("search_without_m", ["search=rank_alpha_lr"], "search", "with -m only: a search space is what a sweep searches"),
+    ("group_set_to_null", ["search=null"], "search", "a group takes one of its options, or ~search leaves it out"),
+    ("interval_empty", ["-m", "optimizer.lr=interval(1e-3,1e-3)"], "optimizer.lr",
+     "has low == high, a single value; accepted: interval(low, high)"),
     # study name and storage
     ("study_name_parent_dir", [*SWEEP, "hydra.sweeper.study_name=../escape"], "hydra.sweeper.study_name",
      "is not accepted: letters, digits and _ . = , + - (no path separators)"),
@@ -321,3 +326,34 @@ def test_swept_value_refused_by_the_trial_is_that_trials_fail_not_the_commands(t
     finally:
         os.chdir(cwd)
     assert not (tmp_path / "outputs").exists()  # the check writes nothing
+
+
+@pytest.mark.parametrize("args,key", [(["data=ultrachat"], "data.hub_name"), (["model=llama3_8b"], "model.name_or_path"),
+                                      (["-m", "lora.r=8,16", "data=ultrachat"], "data.hub_name")])
+def test_a_hub_source_without_the_hub_is_one_line_at_once(tmp_path, monkeypatch, args, key):
+    """The hub cannot be reached (here: its endpoint is a closed local port): one line naming the hub source and
+    what to do, before any work, instead of half a minute of retries and a traceback."""
+    from qlora_exp import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub.unreachable.cache_clear()
+    try:
+        assert_refused_in_one_line(cli_in_process(args, tmp_path), args, tmp_path, key,
+                                   "HF_HUB_OFFLINE=1 if it is in the Hugging Face cache: this machine cannot reach "
+                                   "the hub (127.0.0.1: Connection refused)")
+    finally:
+        hub.unreachable.cache_clear()
+
+
+def test_a_recipe_that_needs_a_gpu_and_the_hub_says_so_first(tmp_path, monkeypatch):
+    from qlora_exp import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub.unreachable.cache_clear()
+    try:
+        proc = cli_in_process(["experiment=article_recipe"], tmp_path)
+    finally:
+        hub.unreachable.cache_clear()
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: experiment=article_recipe needs a GPU with bf16 and the Hugging Face hub"), line
