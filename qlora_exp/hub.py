@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unreachable() -> str | None:
     """Why the hub cannot be reached from this machine, or None (it can, or HF_HUB_OFFLINE asks for the cache)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
