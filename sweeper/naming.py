@@ -48,13 +48,42 @@ def study_name(config: DictConfig, setting: str | None, arguments: list[str], pa
     if setting:
         name = str(setting)
     else:
-        search = config.hydra.runtime.choices.get("search") or "sweep"
-        key = json.dumps([sorted(arguments), params, objectives], sort_keys=True, default=str)
-        name = f"{search}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        search = config.hydra.runtime.choices.get("search")
+        name = f"{search or searched(arguments)}-{command_hash(arguments, params, objectives)}"
     if not STUDY_NAME.fullmatch(name) or ".." in name:
         raise SweeperConfigError("study_name", name, "letters, digits and _ . = , + - (no path separators), "
                                  "at most 128 characters")
     return name
+
+
+def command_hash(arguments: list[str], params, objectives) -> str:
+    key = json.dumps([sorted(arguments), params, objectives], sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def searched(arguments: list[str]) -> str:
+    """What a command-line sweep searches, for its study's name: `grid-lora.r+optimizer.lr` (every swept value
+    listed), `search-optimizer.lr` (an interval among them), `sweep` (nothing swept on the command line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    try:
+        swept = [o for o in OverridesParser.create().parse_overrides(arguments) if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001  (refused later, with its own line)
+        return "sweep"
+    if not swept:
+        return "sweep"
+    kind = "search" if any(isinstance(o.value(), IntervalSweep) for o in swept) else "grid"
+    keys = "+".join(sorted(re.sub(r"[^A-Za-z0-9_.=,+-]", "", o.get_key_element().lstrip("+~")) for o in swept))
+    return f"{kind}-{keys[:80]}"
+
+
+def legacy_study_name(config: DictConfig, setting: str | None, arguments: list[str], params, objectives) -> str | None:
+    """The name a study of this command had before names said what was searched (`sweep-<hash>`): a rerun of an
+    older command resumes that study."""
+    if setting or config.hydra.runtime.choices.get("search"):
+        return None
+    return f"sweep-{command_hash(arguments, params, objectives)}"
 
 
 def sweep_dir(config: DictConfig, study_dir: str, name: str) -> Path:

@@ -22,7 +22,7 @@ from sweeper.errors import SweeperConfigError
 from sweeper.gpus import local_gpus, share_cpu_threads
 from sweeper.jobs import TrialJob, app_trial_overrides, launcher_params, make_executor
 from sweeper.loop import Loop, SweepInterrupted
-from sweeper.naming import has_key, study_name, sweep_dir, this_command
+from sweeper.naming import has_key, legacy_study_name, study_name, sweep_dir, this_command
 from sweeper.policy import count_finished, register_driver
 from sweeper.samplers import build_pruner, build_sampler
 from sweeper.search_space import grid_values, is_grid, parse_search_space
@@ -78,6 +78,9 @@ class OptunaSweeperImpl:
         s.trial_overrides = app_trial_overrides(config) if config.hydra.get("launcher") else []
         s.distributions, s.fixed = self._search_space(arguments)
         s.study_name = study_name(config, st.study_name, arguments, st.params, st.objectives)
+        legacy = legacy_study_name(config, st.study_name, arguments, st.params, st.objectives)
+        if legacy and self._holds(legacy) and not self._holds(s.study_name):  # a study this command began earlier
+            s.study_name = legacy
         multi = len(st.directions) > 1
         s.extender = _method("custom_search_space", st.custom_search_space)
         # a custom_search_space adds parameters of its own to each trial: no grid can enumerate those
@@ -102,6 +105,8 @@ class OptunaSweeperImpl:
                     st.check)
         s.folder = sweep_dir(config, st.study_dir, s.study_name)  # a folder that cannot be written: before the study
         s.study, existed = self._study(s.study_name, sampler, pruner)
+        if not existed:  # what optuna-dashboard shows of it: the metric's name, and the command that made it
+            self._describe(s.study, config, s.command, arguments)
         s.driver, later = register_driver(s.study)
         if later is not None:  # not the study's first driver: a seed of its own, so parallel drivers explore
             s.study.sampler = build_sampler(st.sampler, grid, multi, s.study_name, driver=later)[1]
@@ -184,6 +189,28 @@ class OptunaSweeperImpl:
             raise SweeperConfigError("direction", st.directions, f"the study's own directions "
                                      f"{[d.name.lower() for d in study.directions]} (or a new study_name)")
         return study, existed
+
+    def _holds(self, name: str) -> bool:
+        """The storage already holds a study of this name (False when it cannot be read: _study says why)."""
+        try:
+            storage = build_storage(self.settings.storage, self.settings.heartbeat_s, self.settings.stale_after_s)
+            return name in {x.study_name for x in optuna.get_all_study_summaries(storage)}
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _describe(self, study, config, command: str, arguments: list[str]) -> None:
+        import re
+        import shlex
+        import warnings
+
+        names = self.settings.objectives or [str(OmegaConf.select(config, "objective", default=None) or "objective")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names[:len(study.directions)] if len(names) >= len(study.directions)
+                                   else [f"objective {i}" for i in range(len(study.directions))])
+        settings = [o for o in config.hydra.overrides.hydra if not str(o).startswith("hydra.mode=")]
+        line = " ".join(shlex.quote(str(a)) for a in [*arguments, *settings])
+        study.set_user_attr("command", re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", f"{command} -m {line}"))
 
     @staticmethod
     def _note_folder(study, existed: bool, folder: Path) -> None:

@@ -271,3 +271,33 @@ def test_sweep_status_of_a_local_sweep_asks_slurm_nothing(tmp_path):
                             timeout=60)
     assert status.returncode == 0, status.stderr[-3000:]
     assert "2 complete" in status.stdout and not called.exists(), status.stdout
+
+
+def test_a_study_s_name_says_what_was_searched_and_it_stores_its_metric_and_command(tmp_path):
+    """Without hydra.sweeper.study_name: `grid-<keys>-<hash>` for a grid, `search-<keys>-<hash>` with an interval
+    among the sweeps (a preset's own name with search=...); the study holds its objective's name (Optuna's
+    metric_names: optuna-dashboard's axis) and the command that made it. A study an older qlora_exp named
+    `sweep-<hash>` for the same command is resumed, not started again."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(TOY), "-m", f"hydra.sweeper.storage={storage}",
+                               f"hydra.sweeper.study_dir={tmp_path}/runs", *args], cwd=tmp_path, env=toy_env(tmp_path),
+                              capture_output=True, text=True, timeout=240)
+
+    assert sweep("x=0,1").returncode == 0
+    assert sweep("x=0,1", "y=interval(0,1)", "hydra.sweeper.n_trials=2").returncode == 0
+    names = sorted(optuna.get_all_study_names(storage))
+    assert [n.rsplit("-", 1)[0] for n in names] == ["grid-x", "search-x+y"], names
+    grid = optuna.load_study(study_name=names[0], storage=storage)
+    assert grid.metric_names == ["objective"]  # the toy app has no `objective` key: qlora_exp's says eval_loss
+    settings = f"hydra.sweeper.storage={storage} hydra.sweeper.study_dir={tmp_path}/runs"
+    assert grid.user_attrs["command"] == f"python {TOY} -m x=0,1 {settings}", grid.user_attrs
+    searched = optuna.load_study(study_name=names[1], storage=storage).user_attrs["command"]
+    assert searched == f"python {TOY} -m x=0,1 'y=interval(0,1)' {settings} hydra.sweeper.n_trials=2", searched
+    legacy = "sweep-" + names[0].rsplit("-", 1)[1]
+    optuna.copy_study(from_study_name=names[0], from_storage=storage, to_storage=storage, to_study_name=legacy)
+    optuna.delete_study(study_name=names[0], storage=storage)
+    proc = sweep("x=0,1")
+    assert proc.returncode == 0 and f"resumed study '{legacy}'" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert sorted(optuna.get_all_study_names(storage)) == sorted([legacy, names[1]])
