@@ -181,7 +181,8 @@ class Loop:
                                 "past stale_after_s): left to it", number)
                     self.running.pop(number)
                 last_beat = time.time()
-            if s.kind == "slurm" and time.time() - last_note > min(s.settings.heartbeat_s, s.settings.pending_note_s):
+            if s.kind == "slurm" and time.time() - last_note > min(s.settings.heartbeat_s, s.settings.pending_note_s,
+                                                                  NEVER_CHECK_S):
                 self.note_pending()
                 last_note = time.time()
             if time.time() - last_stale > s.settings.stale_after_s / 2:  # another driver may have died since
@@ -411,9 +412,22 @@ class Loop:
         return n
 
     def note_pending(self) -> None:
-        """A SLURM job pending for over `pending_note_s`: say so, with SLURM's reason, every five minutes."""
+        """A SLURM job pending for over `pending_note_s`: say so, with SLURM's reason, every five minutes. One that
+        SLURM holds for a reason waiting cannot resolve (NEVER_STARTS: more CPUs than any node has...) is cancelled,
+        its trial queued again, and the sweep stops in one line saying why: no silent wait."""
         now = time.time()
-        for r in self.running.values():
+        for number, r in list(self.running.items()):
+            if now - r.since > NEVER_CHECK_S and str(r.job.state).startswith("PENDING"):
+                reason = _pending_reason(r.job.job_id)
+                if reason in NEVER_STARTS:
+                    r.job.cancel(check=False)
+                    self.running.pop(number)
+                    why = f"SLURM job {r.job.job_id} can never start (reason {reason}: {NEVER_STARTS[reason]})"
+                    fail(self.s.study, r.trial._trial_id, number, f"not started: {why}", interrupted=True)
+                    self.stopping(f"trial {number}'s {why}; it was cancelled and the trial queued again: change "
+                                  "hydra.launcher.* (partition, cpus_per_task, mem_gb, gpus_per_node, timeout_min, "
+                                  "constraint) and rerun the same command")
+                    continue
             if now - r.since > self.s.settings.pending_note_s and now - r.noted > 300 and str(
                     r.job.state).startswith("PENDING"):
                 r.noted = now
@@ -477,6 +491,17 @@ def queued_slurm_jobs(job_ids: list[str]) -> set[str]:
 
 ENDED_SLURM_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
                       "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}  # squeue -j lists these a while too
+
+
+NEVER_CHECK_S = 10.0  # a pending job's reason is asked for this often: one it can never start with is said in a minute
+NEVER_STARTS = {  # squeue's reasons that waiting does not resolve: the request itself does not fit the cluster
+    "PartitionConfig": "it asks for more than the partition's nodes have or it allows: CPUs, memory, GPUs",
+    "BadConstraints": "no node has the features or the combination it asks for",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows",
+    "PartitionTimeLimit": "its time limit is above the partition's",
+    "InvalidAccount": "the account is not valid", "InvalidQOS": "the QOS is not valid",
+    "AccountNotAllowed": "the partition does not allow this account", "QOSNotAllowed": "the partition does not allow this QOS",
+}
 
 
 def _pending_reason(job_id: str) -> str:

@@ -339,6 +339,13 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                              "shows the sweep", s.folder)
                     return 0
             _relay(tail)
+            if s.kind == "slurm" and (never := _never_starts(jobs, submitted)):
+                stopped.append(never)
+                for job in jobs:
+                    with contextlib.suppress(Exception):
+                        job.cancel(check=False)
+                jobs = []
+                break
             if s.kind == "slurm" and time.time() - submitted > st.pending_note_s:
                 _note_pending(jobs, submitted, noted)
             for job in [j for j in jobs if j.done()]:
@@ -380,6 +387,26 @@ def _note_pending(jobs: list, since: float, noted: dict) -> None:
             noted[job.job_id] = now
             log.warning("worker SLURM job %s has been PENDING for %.0f s (reason: %s): it waits for the cluster; "
                         "scancel it or Ctrl-C the sweep to stop", job.job_id, now - since, _pending_reason(job.job_id))
+
+
+def _never_starts(jobs: list, since: float) -> str | None:
+    """A worker's SLURM job held PENDING for a reason waiting does not resolve (sweeper.loop.NEVER_STARTS): the
+    sweep's stop reason (its workers are then cancelled: no trial had started)."""
+    from sweeper.loop import NEVER_CHECK_S, NEVER_STARTS, _pending_reason
+
+    now = time.time()
+    if now - since < NEVER_CHECK_S or now - _never_starts.asked < NEVER_CHECK_S:
+        return None
+    _never_starts.asked = now
+    for job in jobs:
+        if str(job.state).startswith("PENDING") and (reason := _pending_reason(job.job_id)) in NEVER_STARTS:
+            return (f"worker SLURM job {job.job_id} can never start (reason {reason}: {NEVER_STARTS[reason]}); the "
+                    "workers were cancelled, no trial had started: change hydra.launcher.* (partition, cpus_per_task, "
+                    "mem_gb, gpus_per_node, timeout_min, constraint) and rerun the same command")
+    return None
+
+
+_never_starts.asked = 0.0
 
 
 def _submit(s, worker: WorkerJob, index: int, singleton_state: dict, refused: list):

@@ -452,3 +452,28 @@ def test_a_worker_job_cancelled_mid_trial_leaves_a_trial_the_next_worker_retries
     other = 1 - trial.params["x"]
     assert [t.state for t in by_x[other]] == [TrialState.COMPLETE]
     assert sacct_state(trial.user_attrs["slurm_job"]).startswith("CANCELLED")
+
+
+@pytest.mark.parametrize("mode", ["processes", "workers"])
+def test_a_job_that_can_never_start_stops_the_sweep_in_a_minute_with_slurm_s_reason(tmp_path, mode):
+    """A request no node can meet (64 CPUs per task on a 2-CPU node): sbatch takes it and SLURM holds it PENDING
+    with reason PartitionConfig, for ever. Within a minute the driver cancels it and exits 1 in one line naming
+    the reason and what to change; a trial it held is queued again; nothing is left in the queue."""
+    start = time.time()
+    driver = toy_sweep(tmp_path, "x=0,1", f"hydra.sweeper.mode={mode}", "hydra.sweeper.n_jobs=1",
+                       "hydra.launcher.cpus_per_task=64")
+    out, err = ended(driver, timeout=120)
+    assert time.time() - start < 75, time.time() - start
+    assert driver.returncode == 1 and "Traceback" not in out + err, err[-3000:]
+    (line,) = error_lines(err)
+    assert "can never start (reason PartitionConfig" in line and "hydra.launcher.*" in line, line
+    trials = toy_study(tmp_path).trials
+    if mode == "processes":
+        cut, retry = trials
+        assert cut.state == TrialState.FAIL and cut.user_attrs["interrupted"] and "PartitionConfig" in cut.user_attrs[
+            "fail_reason"]
+        assert retry.state == TrialState.WAITING and retry.params == cut.params
+    else:
+        assert not trials  # the worker never ran: no trial was asked for
+    wait_for(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), timeout=30,
+             what="an empty queue")
