@@ -43,10 +43,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="where to save the merged model (default: <run>/merged)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     a = ap.parse_args(argv)
     run = Path(a.run)
     adapter = run / "adapter" if (run / "adapter").is_dir() else run
     out = Path(a.out) if a.out else (run if adapter != run else run.parent) / "merged"
+    if out.exists() and any(out.iterdir()) and not a.overwrite:  # before any model is loaded
+        raise SystemExit(f"error: --out={str(out)!r} is not accepted: an empty or new folder ({out} already holds "
+                         f"{sum(1 for _ in out.iterdir())} entries: another --out, or --overwrite to replace them)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         merge_adapter(adapter, out, a.dtype, a.trust_remote_code)

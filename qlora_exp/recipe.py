@@ -348,6 +348,9 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     finally:
         tb.close()
         fed.remove()
+        ckpt = out / "checkpoints"  # the Trainer's output_dir: made even when no checkpoint is saved
+        if ckpt.is_dir() and not any(ckpt.iterdir()):
+            ckpt.rmdir()
     return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
                int(last.rsplit("-", 1)[-1]) if last else None)
 

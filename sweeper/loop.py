@@ -250,8 +250,9 @@ class Loop:
                 "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
             if os.environ.get("SLURM_JOB_ID"):  # what `python -m sweeper.status` asks SLURM about
                 trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
-        log.info("trial %d started (slot %d, job %s): %s", trial.number, slot, job.job_id,
-                 " ".join(f"{k}={short(v)}" for k, v in trial.params.items()))
+        log.info("trial %d started (slot %d, job %s): %s; its log: %s", trial.number, slot, job.job_id,
+                 " ".join(f"{k}={short(v)}" for k, v in trial.params.items()),
+                 folder / f"{s.config.hydra.job.name}.log")
         return Running(trial, job, folder, slot, since=time.time())
 
     def overrides_for(self, trial) -> list[str]:

@@ -24,6 +24,7 @@ from sweeper.jobs import TrialJob, app_trial_overrides, launcher_params, make_ex
 from sweeper.loop import Loop, SweepInterrupted
 from sweeper.naming import has_key, legacy_study_name, study_name, sweep_dir, this_command
 from sweeper.policy import count_finished, register_driver
+from sweeper.results import forget_last_line
 from sweeper.samplers import build_pruner, build_sampler
 from sweeper.search_space import grid_values, is_grid, parse_search_space
 from sweeper.settings import Settings
@@ -104,6 +105,7 @@ class OptunaSweeperImpl:
         check_sweep(self.hydra_context, config, s.fixed, s.trial_overrides, sweep_points(s.distributions, grid),
                     st.check)
         s.folder = sweep_dir(config, st.study_dir, s.study_name)  # a folder that cannot be written: before the study
+        forget_last_line(s.folder)  # this sweep's first progress line is said, even in a process that ran it before
         s.study, existed = self._study(s.study_name, sampler, pruner)
         if not existed:  # what optuna-dashboard shows of it: the metric's name, and the command that made it
             self._describe(s.study, config, s.command, arguments)

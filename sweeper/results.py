@@ -50,8 +50,18 @@ def write_results(study, sweep, running: int) -> None:
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(results))))
     tmp.replace(sweep.folder / "optimization_results.yaml")
     write_study_run(study, sweep.config, sweep.folder, sweep.settings.objectives)  # TensorBoard: <root>/<sweep>/study
-    log.info("[%s] %d/%d finished: %d complete, %d pruned, %d failed, %d running; best %s", sweep.study_name,
-             count_finished(study), sweep.target, count["complete"], count["pruned"], count["fail"], running, best_line)
+    line = (f"[{sweep.study_name}] {count_finished(study)}/{sweep.target} finished: {count['complete']} complete, "
+            f"{count['pruned']} pruned, {count['fail']} failed, {running} running; best {best_line}")
+    if _LAST_LINE.get(sweep.folder) != line:  # the same state twice (the loop's end, then the sweep's): said once
+        _LAST_LINE[sweep.folder] = line
+        log.info("%s", line)
+
+
+_LAST_LINE: dict = {}  # sweep folder -> the progress line last said
+
+
+def forget_last_line(folder) -> None:
+    _LAST_LINE.pop(folder, None)
 
 
 def _plain(x: Any) -> Any:

@@ -301,3 +301,14 @@ def test_a_study_s_name_says_what_was_searched_and_it_stores_its_metric_and_comm
     proc = sweep("x=0,1")
     assert proc.returncode == 0 and f"resumed study '{legacy}'" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert sorted(optuna.get_all_study_names(storage)) == sorted([legacy, names[1]])
+
+
+def test_a_sweep_says_its_final_progress_once_and_where_each_trial_logs(tmp_path):
+    proc = run_toy(tmp_path, "x=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("[toy] 2/2 finished") == 1, out[-3000:]
+    for n in (0, 1):
+        line = next(line for line in out.splitlines() if f"trial {n} started" in line)
+        log_file = Path(line.rsplit("its log: ", 1)[1])
+        assert log_file == tmp_path / "runs" / "toy" / str(n) / "app.log" and log_file.is_file(), line

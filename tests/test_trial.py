@@ -79,6 +79,12 @@ def test_merge_round_trip(default_trial, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
     assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)
     assert (merged - plain).abs().max() > 1e-2  # the adapter really changed the model
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match=r"already holds .* entries: another --out, or --overwrite"):
+        merge_main([str(default_trial), "--out", str(out)])  # a second merge into the same folder: refused
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    merge_main([str(default_trial), "--out", str(out), "--dtype", "float32", "--overwrite"])
+    assert (out / "model.safetensors").stat().st_mtime_ns != before
 
 
 def test_merge_refuses_a_folder_without_adapter(tmp_path):
@@ -141,6 +147,7 @@ def test_a_default_trial_prints_a_few_lines_and_its_log_keeps_the_rest(default_t
     evals = [line for line in lines if "eval loss" in line]
     assert len(evals) >= 3 and "step 0/" in evals[0], lines
     assert "trial complete" in lines[-1], lines
+    assert not (default_trial / "checkpoints").exists()  # no checkpoint saved: no empty folder left either
     log = (default_trial / "__main__.log").read_text()
     assert "'loss'" in log and "'eval_loss'" in log and "left off the terminal (harmless; shown with -v)" in log
 
