@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -92,11 +93,63 @@ def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -
     path = random_model_path(model_cfg, cache_dir, corpus_file)
     if _is_built(path):
         return path
+    check_build_fits(model_cfg, path.parent)
+    log.info("building random-weight %s model (seed %d) in %s", model_cfg.name, model_cfg.seed, path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        return _build(model_cfg, shape, path, tmp, corpus_file)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written build is never left in the cache
+        raise
+
+
+def build_needs_gib(model_cfg: DictConfig, cuda: bool) -> tuple[float, float]:
+    """(parameters in billions, GiB of memory) a random-weight build of this shape takes: its weights in bf16 on a
+    GPU, in fp32 on the CPU (the build's dtype), plus a GiB for the process."""
+    params = sum(p.numel() for p in meta_model(model_cfg).parameters())
+    return params / 1e9, params * (2 if cuda else 4) / 2**30 + 1.0
+
+
+def available_gib(cuda: bool) -> float:
+    """Memory this build may take: the GPU's free memory, or the machine's MemAvailable."""
+    if cuda:
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / 2**30
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def check_build_fits(model_cfg: DictConfig, cache: Path) -> None:
+    """Refuse, in one line, a random-weight build this machine's memory or the cache's disk cannot hold (the 8B shape
+    in fp32 on a 24 GiB CPU machine was killed for memory after a minute, its half-built folder left behind)."""
+    import torch
+
+    from qlora_exp.errors import ConfigError
+
+    cuda = torch.cuda.is_available()
+    billions, need = build_needs_gib(model_cfg, cuda)
+    have = available_gib(cuda)
+    where = "GPU memory free" if cuda else "memory available on this machine"
+    if need > have:
+        raise ConfigError("model.random_init", True, f"a shape this machine can build: {model_cfg.name} has "
+                          f"{billions:.1f}B parameters, {need:.1f} GiB to build in {'bf16' if cuda else 'fp32'}, and "
+                          f"there is {have:.1f} GiB {where}; build it once on a GPU machine into paths.cache_dir "
+                          f"(bf16: {billions * 1e9 * 2 / 2**30 + 1:.0f} GiB), or give model.name_or_path a saved model")
+    cache.mkdir(parents=True, exist_ok=True)
+    disk = shutil.disk_usage(cache).free / 2**30
+    weights = billions * 1e9 * (2 if cuda else 4) / 2**30
+    if weights > disk:
+        raise ConfigError("paths.cache_dir", str(cache), f"a folder with {weights:.1f} GiB free for the {model_cfg.name} "
+                          f"random-weight build (it has {disk:.1f} GiB)")
+
+
+def _build(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, corpus_file: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    log.info("building random-weight %s model (seed %d) in %s", model_cfg.name, model_cfg.seed, path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tok = build_tokenizer(tmp, corpus_file, min(shape["vocab_size"], 512))
     config = AutoConfig.for_model(model_cfg.architecture, **shape, pad_token_id=tok.pad_token_id,
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -112,7 +165,10 @@ def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # give the build's bf16 weights back before the quantized load
-    tmp.rename(path) if not path.exists() else None  # another process may have won the race: keep theirs
+    if path.exists():  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(path)
     return path
 
 

@@ -158,3 +158,31 @@ def test_verbose_shows_the_trainer_s_own_lines(tmp_path, cache_dir):
     proc = run_cli(["-v", *FAST], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "{'loss'" in proc.stdout + proc.stderr and "'eval_loss'" in proc.stdout + proc.stderr
+
+
+def test_a_random_build_the_machine_cannot_hold_is_refused_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The 8B shape with random weights on a machine of 24 GiB (fp32 on the CPU: ~31 GiB) used to be killed for
+    memory after a minute, its `.tmp<pid>` folder left in the cache. Now: a ConfigError naming the parameters, the
+    memory it needs and what there is, before anything is built; and a build that fails leaves no folder."""
+    from qlora_exp import models
+    from qlora_exp.errors import ConfigError
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["model=llama3_8b", "model.random_init=true"], tmp_path / "cache")
+    monkeypatch.setattr(models, "available_gib", lambda cuda: 20.0)
+    with pytest.raises(ConfigError, match=r"llama3_8b has 8\.0B parameters, 30\.9 GiB to build in fp32, and there is "
+                                          r"20\.0 GiB memory available"):
+        models.random_model_dir(cfg.model, cfg.paths.cache_dir, models.tokenizer_corpus(cfg.paths))
+    assert not (tmp_path / "cache" / "models").exists()
+
+    def dies_mid_build(model_cfg, shape, path, tmp, corpus_file):
+        (tmp / "model.safetensors").parent.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise MemoryError("killed mid-build")
+
+    tiny = compose_cfg(tmp_path, [], tmp_path / "cache")
+    monkeypatch.setattr(models, "available_gib", lambda cuda: 64.0)
+    monkeypatch.setattr(models, "_build", dies_mid_build)
+    with pytest.raises(MemoryError):
+        models.random_model_dir(tiny.model, tiny.paths.cache_dir, models.tokenizer_corpus(tiny.paths))
+    assert not list((tmp_path / "cache" / "models").iterdir())  # no .tmp<pid> left
