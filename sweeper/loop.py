@@ -38,8 +38,10 @@ from sweeper.policy import (
     stale_trials,
     storage_fault,
 )
+from sweeper.progress import ProgressLines
 from sweeper.results import write_results
 from sweeper.stop import STATE as IN_PROCESS_TRIAL  # a sweep worker's own trial: how it is cut short
+from sweeper.storage import ask_lock
 
 log = logging.getLogger("qlora_exp.sweeper")
 
@@ -113,6 +115,7 @@ class Loop:
         self.stop: str | None = None  # why no more trials start: the running ones are still collected
         self.worker_job = None  # a sweep worker's own job (sweeper.workers): told which trial it runs, for a requeue
         self.left_to_worker: set[int] = set()  # stale trials whose worker's SLURM job is still queued (said once)
+        self.progress = ProgressLines()  # a line per running trial at each of its evaluations (sweeper.progress)
 
     def stopping(self, reason: str) -> None:
         """No more trials start; those running are collected before the driver exits with `reason`."""
@@ -150,8 +153,7 @@ class Loop:
         last_beat, last_stale, last_note, waiting = 0.0, time.time(), time.time(), None
         while not irq.count:
             free = [n for n in range(s.settings.n_jobs) if n not in {r.slot for r in self.running.values()}]
-            while free and self.stop is None and not irq.count and count_finished(study) + len(
-                    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < s.target:
+            while free and self.stop is None and not irq.count:  # ask_next stops at the study's n_trials
                 r = self.launch(free.pop(0))  # a signal now only sets irq.count: the job is recorded first
                 if r is None:  # not started: the grid's last points taken by other drivers, or a stop
                     break
@@ -169,6 +171,10 @@ class Loop:
                 self.take_over_stale()
                 continue
             time.sleep(s.settings.poll_s)
+            if s.kind != "worker":  # a worker's own trial says its progress itself, in this process
+                for line in self.progress.lines([(n, r.trial.params, r.folder) for n, r in self.running.items()],
+                                                s.study_name):
+                    log.info("%s", line)
             for number in [n for n, r in self.running.items() if r.job.done()]:
                 self.finish(self.running.pop(number))
                 if stop := failure_stop(study, s.settings.max_failure_rate):
@@ -195,7 +201,9 @@ class Loop:
         with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize": the
             warnings.filterwarnings("ignore", message="Heartbeat")  # loop records the heartbeats itself
             warnings.filterwarnings("ignore", message="`GridSampler` is re-evaluating")  # taken care of below
-            trial = study.ask(fixed_distributions=s.distributions)
+            trial = ask_next(study, s.target, s.distributions)
+            if trial is None:  # the study's n_trials are all finished or running: nothing more to ask
+                return None
         beat(study, [trial._trial_id], s.driver)  # whose trial it is, before anything else can stop this driver
         if _claimed_by_another(study, trial, s.driver):
             log.info("trial %d was taken from the queue by another driver at the same moment: left to it", trial.number)
@@ -457,6 +465,17 @@ class Loop:
                 fail(study, r.trial._trial_id, r.trial.number, "sweep interrupted (Ctrl-C or SIGTERM) while it ran",
                      interrupted=True)
         self.running.clear()
+
+
+def ask_next(study, target: int, distributions: dict):
+    """The study's next trial, when fewer than `target` count toward n_trials or run; else None. The count and the
+    ask are one step for every driver and worker of the study (sweeper.storage.ask_lock): two checking at the same
+    moment would both see room for one more trial and both ask."""
+    with ask_lock(study):
+        trials = study.get_trials(deepcopy=False)  # one read: a trial told between two reads would be in neither
+        if count_finished(study, trials) + sum(t.state == TrialState.RUNNING for t in trials) >= target:
+            return None
+        return study.ask(fixed_distributions=distributions)
 
 
 def task_value(ret: Any) -> Any:

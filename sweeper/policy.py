@@ -146,10 +146,10 @@ def retried_numbers(trials) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
 
-def count_finished(study) -> int:
+def count_finished(study, trials: list[FrozenTrial] | None = None) -> int:
     """Trials that count toward n_trials: ended, less failures that were retried (an interrupted trial never
-    counts: its retry does)."""
-    trials = study.get_trials(deepcopy=False)
+    counts: its retry does). `trials`: the study's trials as already read."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     retried = retried_numbers(trials)
     return sum(t.state in FINISHED and not (t.state == TrialState.FAIL and (t.number in retried or _not_run(t)))
                for t in trials)

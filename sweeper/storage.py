@@ -2,6 +2,7 @@
 and how its URL is shown (a database password never reaches a log, a results file or a trial's overrides)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from sweeper.errors import SweeperConfigError
@@ -265,3 +266,52 @@ def hide_in_config(config, url: str | None) -> None:
         for group in ("hydra", "task"):
             if group in overrides:
                 overrides[group] = [masked(str(o)) for o in overrides[group]]
+
+
+@contextlib.contextmanager
+def ask_lock(study):
+    """One asker at a time for a study's next trial: drivers and workers check "finished + running < n_trials" and
+    then ask, and two doing it at the same moment would both ask (a 7th trial of n_trials=6). A lock beside a file
+    storage (SQLite, a journal: POSIX locks, which NFS has too and which die with their process), PostgreSQL's and
+    MySQL's own named locks on a database server; nothing for a study in memory (one process)."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+
+    storage = study._storage._backend if isinstance(study._storage, _CachedStorage) else study._storage  # RDB's cache
+    path = None
+    if isinstance(storage, JournalStorage) and hasattr(storage._backend, "_file_path"):
+        path = storage._backend._file_path
+    elif isinstance(storage, RDBStorage):
+        engine = storage.engine
+        if engine.dialect.name == "sqlite":
+            path = engine.url.database
+        elif engine.dialect.name in SERVER_LOCKS:
+            take, give = SERVER_LOCKS[engine.dialect.name]
+            import sqlalchemy
+
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text(take), {"name": f"qlora_exp:{study.study_name}"[:64]})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text(give), {"name": f"qlora_exp:{study.study_name}"[:64]})
+                    conn.commit()
+            return
+    if path is None or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.ask-lock", "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+SERVER_LOCKS = {  # a session-level named lock: released by its call, or when the session ends (a killed asker)
+    "postgresql": ("SELECT pg_advisory_lock(hashtext(:name))", "SELECT pg_advisory_unlock(hashtext(:name))"),
+    "mysql": ("SELECT GET_LOCK(:name, 86400)", "SELECT RELEASE_LOCK(:name)"),
+}
+SERVER_LOCKS["mariadb"] = SERVER_LOCKS["mysql"]

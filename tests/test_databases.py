@@ -179,11 +179,27 @@ def test_four_drivers_share_one_study_on_a_new_database(tmp_path, database):
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # unique and gap-free
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 12 <= len(complete) <= 15 and len(complete) == len(trials)  # the total, nothing lost or failed
+    assert len(complete) == len(trials) == 12  # the total, exactly: nothing lost, failed or asked for twice
     for t in complete:  # every result stored, and it is this trial's own
         assert t.value == pytest.approx(toy_value(t))
     folders = {t.user_attrs["folder"] for t in complete}
     assert len(folders) == len(complete) and all((Path(f) / "metrics.json").is_file() for f in folders)
+
+
+def test_askers_checking_the_count_at_the_same_moment_never_ask_past_n_trials(database):
+    """The server's own named lock (PostgreSQL's advisory lock, MySQL's GET_LOCK) makes the count and the ask one step."""
+    import multiprocessing
+
+    from tests.test_concurrency import _asker
+
+    optuna.create_study(study_name="shared", storage=build_storage(database))
+    procs = [multiprocessing.get_context("fork").Process(target=_asker, args=(database, 10, True)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert [t.state for t in load(database, "shared").get_trials()] == [TrialState.COMPLETE] * 10
 
 
 # ---- a grid swept twice: the resume, the heartbeats, the password --------------------------------------------
