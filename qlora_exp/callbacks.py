@@ -124,9 +124,10 @@ class TrialProgress(TrainerCallback):
     (an interactive terminal, a single run: qlora_exp.quiet.bar_wanted) or one line per evaluation; every dict the
     Trainer logs goes to the trial's log file (the qlora_exp.detail logger)."""
 
-    def __init__(self, bar: bool):
+    def __init__(self, bar: bool, progress_file=None, label: str = ""):
         self.bar_wanted, self.bar, self.train_loss = bar, None, None
         self.detail, self.lines = logging.getLogger("qlora_exp.detail"), logging.getLogger("qlora_exp.trial")
+        self.progress_file, self.label = progress_file, label  # a sweep's driver reads the file (sweeper.progress)
 
     def on_train_begin(self, args, state, control, **kw):
         if self.bar_wanted and self.bar is None:
@@ -150,8 +151,13 @@ class TrialProgress(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if not metrics or "eval_loss" not in metrics:
             return
-        line = f"step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}" + (
+        line = f"{self.label}step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}" + (
             f", train loss {self.train_loss:.4f}" if self.train_loss is not None else "")
+        if self.progress_file is not None:
+            from sweeper.progress import write_progress
+
+            write_progress(self.progress_file, state.global_step, state.max_steps, float(metrics["eval_loss"]),
+                           self.train_loss)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.train_loss or float('nan'):.3f}", eval=f"{metrics['eval_loss']:.3f}")
             self.detail.info(line)

@@ -80,3 +80,15 @@ def bar_wanted() -> bool:
         return HydraConfig.get().mode != RunMode.MULTIRUN
     except (ImportError, ValueError):
         return False
+
+
+def trial_label() -> str:
+    """`trial 3: ` in a sweep (its lines on a worker's terminal say whose they are), else nothing."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return f"trial {hc.job.num}: " if hc.mode == RunMode.MULTIRUN else ""
+    except (ImportError, ValueError):
+        return ""

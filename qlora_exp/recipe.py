@@ -293,6 +293,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     from qlora_exp import quiet
     from qlora_exp.callbacks import TensorBoardScalars, TrialMetrics, TrialProgress
     from qlora_exp.packing import PackedBatchCollator
+    from sweeper.progress import PROGRESS_FILE
 
     if plan.device.cuda:
         torch.cuda.reset_peak_memory_stats()  # this trial's peak: the base it trains on, its adapters and steps
@@ -327,7 +328,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(TrialProgress(quiet.bar_wanted()))
+        trainer.add_callback(TrialProgress(quiet.bar_wanted(), out / PROGRESS_FILE, quiet.trial_label()))
     WARM.tokenized = {(plan.data_key, id(base.tokenizer)): (trainer.train_dataset, trainer.eval_dataset)}
     counts = {"rows": 0, "positions": 0}
 

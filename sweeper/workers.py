@@ -339,6 +339,10 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                              "shows the sweep", s.folder)
                     return 0
             _relay(tail)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for line in loop.progress.lines([(t.number, t.params, t.user_attrs.get("folder")) for t in running],
+                                            s.study_name):
+                log.info("%s", line)
             if s.kind == "slurm" and (never := _never_starts(jobs, submitted)):
                 stopped.append(never)
                 for job in jobs:

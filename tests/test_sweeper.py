@@ -1,5 +1,6 @@
 """The Optuna sweeper end to end, through `python -m qlora_exp -m ...` on the embedded default."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,9 @@ def test_tpe_with_pruning_on_two_slots(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the preset's sampler and pruner, as the driver built them
     assert "sampler tpe, pruner percentile, 2 slot(s)" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    # the driver shows each running trial's evaluations as they come, whichever worker runs it
+    shown = re.findall(r"\] trial (\d+) \(lora\.r=\d+ .*\): step (\d+)/30, eval loss (\d\.\d+)", proc.stdout + proc.stderr)
+    assert {step for _, step, _ in shown} >= {"10"} and len({n for n, _, _ in shown}) >= 2, proc.stdout[-3000:]
     study = load_study(tmp_path)
     states = [t.state for t in study.trials]
     assert len(states) == 6 and TrialState.FAIL not in states
