@@ -1,20 +1,21 @@
 """Trainer callbacks of a trial (throughput and memory accounting, TensorBoard scalars) and the trial's
-TensorBoard run, which ends with an hparams row TensorBoard's HPARAMS view can compare.
+TensorBoard run, which ends with a row TensorBoard's HPARAMS table can compare.
 
 One trial, one run folder (`cfg.paths.tensorboard_dir`, named by `__main__`: `<study>/<NNN-swept values>`):
 
     train/loss, train/learning_rate, train/grad_norm, ...   every training log (trainer.log_every steps)
+    train/tokens_per_s, train/peak_memory_gb                 with every training log
     eval/loss, ...                                           every evaluation (trainer.eval_every steps)
-    perf/tokens_per_s, perf/peak_memory_gb                   with every training log
-    hparams/<metric>                                         once, when the trial ends (complete, pruned or failed)
-    the hparams plugin's experiment, session start and session end summaries, in the same folder
+    hparams/ (a run of its own): the row                     once, when the trial ends
 
-The hparams row holds `state` (complete | pruned | failed: metrics.json's status), the swept keys (read
-from the run name, `NNN-key=value,...`), `run_name` and the config keys of `HPARAM_KEYS`: the same keys in
-every trial, so the trials of every study land in one HPARAMS table. The swept keys come first and are
-marked as differing, so TensorBoard shows them by default. Its metrics are the `HPARAM_METRICS` fields of
-metrics.json, written only when known (a failed trial has no eval loss). The row is written when the trial
-ends, so a running trial is not in the table yet; a trial refused by the config checks has no run at all.
+TensorBoard's Time Series opens the first two groups by name: eval and train. The row (sweeper.tensorboard's
+write_row) holds `state` (complete | pruned | failed, and interrupted in a sweep), `trial`, the swept keys (read
+from the run name, `NNN-key=value,...`) and the config keys of `HPARAM_KEYS`: the same keys in every trial, so
+the trials of every study land in one HPARAMS table; its metrics are `trial/<field>` scalars of the
+`HPARAM_METRICS` fields of metrics.json, written only when known (a failed trial has no eval loss). In a sweep
+of this project's sweeper the trial leaves its row in `<trial folder>/hparams.json` and the driver writes it
+with the state the study holds. A running trial is not in the table yet; a trial refused by the config checks
+has no run at all.
 """
 import logging
 import math
@@ -39,15 +40,14 @@ HPARAM_KEYS = (
 # metrics.json field -> hparams metric tag (also written as a scalar, which is where TensorBoard reads it).
 # In this order: TensorBoard shows the first five by default.
 HPARAM_METRICS = {
-    "eval_loss": "hparams/eval_loss",
-    "perplexity": "hparams/perplexity",
-    "train_tokens_per_s": "hparams/train_tokens_per_s",
-    "peak_memory_gb": "hparams/peak_memory_gb",
-    "initial_eval_loss": "hparams/initial_eval_loss",
-    "steps": "hparams/steps",
-    "wall_time_s": "hparams/wall_time_s",
+    "eval_loss": "trial/eval_loss",
+    "perplexity": "trial/perplexity",
+    "train_tokens_per_s": "trial/train_tokens_per_s",
+    "peak_memory_gb": "trial/peak_memory_gb",
+    "initial_eval_loss": "trial/initial_eval_loss",
+    "steps": "trial/steps",
+    "wall_time_s": "trial/wall_time_s",
 }
-STATES = ["complete", "pruned", "failed"]  # the `state` hparam: metrics.json's status
 
 
 def peak_memory_gb() -> tuple[float, str]:
@@ -171,14 +171,15 @@ class TrialProgress(TrainerCallback):
 
 
 class TrialBoard:
-    """The trial's TensorBoard run folder: one writer for its scalars, and the hparams row at the end.
+    """The trial's TensorBoard run folder: one writer for its scalars, and its HPARAMS row at the end.
 
-    The writer is created on first use, so a trial that fails before training still gets its row.
+    The writer is created on first use, so a trial that fails before training still gets its row. With
+    `row_file` (a sweep of this project's sweeper) the row goes to that file for the driver to write.
     """
 
-    def __init__(self, log_dir: str):
-        self.log_dir = str(log_dir)
-        self.interrupted = False  # set on Ctrl-C or a kill: no hparams row (a resumed attempt writes it)
+    def __init__(self, log_dir: str, row_file=None):
+        self.log_dir, self.row_file = str(log_dir), row_file
+        self.interrupted = False  # set on Ctrl-C or a kill: no row of its own (a resumed attempt writes it)
         self._writer = None
 
     @property
@@ -190,9 +191,9 @@ class TrialBoard:
         return self._writer
 
     def finish(self, cfg, result) -> None:
-        """Write the hparams row of a finished trial (any status), then close. Never raises."""
+        """Write the row of a finished trial (any status), then close. Never raises."""
         try:
-            if not self.interrupted:
+            if self.row_file is not None or not self.interrupted:
                 self.write_hparams(cfg, result)
         except Exception as e:  # noqa: BLE001  (TensorBoard must never fail or mask a trial)
             log.warning("could not write the TensorBoard hparams of %s: %s", self.log_dir, e)
@@ -200,28 +201,24 @@ class TrialBoard:
             self.close()
 
     def write_hparams(self, cfg, result) -> None:
-        from tensorboard.plugins.hparams import plugin_data_pb2
-        from torch.utils.tensorboard.summary import hparams
+        import json
+        from pathlib import Path
 
-        values = trial_hparams(cfg, self.log_dir, result.status)
-        exp, ssi, sei = hparams(values, dict.fromkeys(HPARAM_METRICS.values(), 0.0),
-                                hparam_domain_discrete={"state": STATES})
-        differs = {"state", *swept_keys(cfg, values["run_name"])}
-        data = plugin_data_pb2.HParamsPluginData.FromString(exp.value[0].metadata.plugin_data.content)
-        for info in data.experiment.hparam_infos:  # the HPARAMS view shows differing keys first
-            info.differs = info.name in differs
-        exp.value[0].metadata.plugin_data.content = data.SerializeToString()
-        if result.status == "failed":  # the frontend's default filters show success, failure, running, unknown
-            sei = _session_end("STATUS_FAILURE")
+        from sweeper.tensorboard import write_row
+
+        hparams = trial_hparams(cfg, self.log_dir)
+        metrics = {tag: getattr(result, key, None) for key, tag in HPARAM_METRICS.items()}
+        metrics = {t: v for t, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
         step = int(result.steps or 0)
-        w = self.writer
-        for key, tag in HPARAM_METRICS.items():
-            value = getattr(result, key, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                w.add_scalar(tag, value, step)
-        for summary in (exp, ssi, sei):
-            w.file_writer.add_summary(summary, step)
-        w.flush()
+        if self.row_file is not None:
+            tmp = Path(self.row_file).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"hparams": hparams, "metrics": metrics, "step": step,
+                                       "tensorboard_dir": self.log_dir}))
+            tmp.replace(self.row_file)
+            return
+        self.writer.flush()  # the run folder exists, with the scalars in it
+        write_row(self.log_dir, hparams, metrics, step, str(result.status))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -229,17 +226,18 @@ class TrialBoard:
             self._writer = None
 
 
-def trial_hparams(cfg, log_dir: str, state: str) -> dict:
-    """The hparams row of a trial, in display order: state, swept keys, run name, HPARAM_KEYS."""
+def trial_hparams(cfg, log_dir: str) -> dict:
+    """The row's hparams, in display order: `trial` (the run name; a sweep's driver puts the trial number and the
+    sweep there), the swept keys, HPARAM_KEYS. The driver adds `state`."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
     run_name = str(cfg.get("run_name") or Path(log_dir).name)
-    row = {"state": str(state)}
-    for key in [*swept_keys(cfg, run_name), "run_name", *HPARAM_KEYS]:
+    row = {"trial": run_name}
+    for key in [*swept_keys(cfg, run_name), *HPARAM_KEYS]:
         if key not in row:
-            row[key] = run_name if key == "run_name" else _hparam_value(OmegaConf.select(cfg, key, default=None))
+            row[key] = _hparam_value(OmegaConf.select(cfg, key, default=None))
     return row
 
 
@@ -258,19 +256,6 @@ def swept_keys(cfg, run_name: str) -> list[str]:
 
 
 _ABSENT = object()
-
-
-def _session_end(status: str):
-    """The hparams plugin's SessionEndInfo summary with `status` (torch's `hparams` always says success)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-
-    content = plugin_data_pb2.HParamsPluginData(
-        session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(status), end_time_secs=time.time()),
-        version=metadata.PLUGIN_DATA_VERSION)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
-                                                                  content=content.SerializeToString()))
-    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
 
 
 def _hparam_value(v):
@@ -312,9 +297,9 @@ class TensorBoardScalars(TrainerCallback):
             self.writer.add_scalar(tag, value, step)
         if not is_eval and not is_summary:
             if step and self.metrics.train_time:
-                self.writer.add_scalar("perf/tokens_per_s", self.metrics.tokens_per_s(state), step)
+                self.writer.add_scalar("train/tokens_per_s", self.metrics.tokens_per_s(state), step)
             gb, _ = peak_memory_gb()
-            self.writer.add_scalar("perf/peak_memory_gb", gb, step)
+            self.writer.add_scalar("train/peak_memory_gb", gb, step)
         self.writer.flush()
 
     def on_train_end(self, args, state, control, **kw):

@@ -99,8 +99,11 @@ def run_trial(cfg: DictConfig) -> TrialResult:
                          fused_kernels=plan.fused_note, memory_plan=plan.memory_note, started_at=round(start, 3),
                          process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1)
     from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers
+    from sweeper.tensorboard import ROW_FILE
 
-    board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"))
+    # in a sweep of this project's sweeper, the driver writes the trial's HPARAMS row, with the study's own state
+    board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"),
+                       row_file=out / ROW_FILE if _in_our_sweep() else None)
     base = model = None
     try:
         import torch
@@ -139,6 +142,18 @@ def run_trial(cfg: DictConfig) -> TrialResult:
              result.eval_loss, result.initial_eval_loss or float("nan"), result.train_tokens_per_s,
              result.peak_memory_gb, result.wall_time_s)
     return result
+
+
+def _in_our_sweep() -> bool:
+    """A trial of a `-m` run through this project's sweeper (hydra/sweeper=qlora_exp), not Hydra's basic one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return hc.mode == RunMode.MULTIRUN and "QLoRAOptunaSweeper" in str(hc.sweeper.get("_target_", ""))
+    except (ImportError, ValueError):
+        return False
 
 
 def _phase(result: TrialResult, name: str, since: float) -> float:

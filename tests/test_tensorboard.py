@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import read_metrics
 
-PER_STEP = ("train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "perf/tokens_per_s",
-            "perf/peak_memory_gb")
+PER_STEP = ("train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "train/tokens_per_s",
+            "train/peak_memory_gb")
 
 
 def sweep_trials(cwd: Path) -> tuple[Path, dict[str, dict]]:
@@ -114,24 +114,29 @@ def test_every_trial_is_in_one_tensorboard_with_its_hparams(tb_sweep, tmp_path):
 
         # the study's run: best value so far per trial number, trials per state
         complete = [t for t in trials.values() if t["metrics"]["status"] == "complete"]
-        best = scalars(tb, study_run, "study/best_value")
+        best = scalars(tb, study_run, "tuning/best_value")
         assert best[-1][0] == 2 and best[-1][1] == pytest.approx(complete[0]["metrics"]["eval_loss"], rel=1e-5)
         for state in ("complete", "pruned", "failed"):
-            counts = scalars(tb, study_run, f"study/trials_{state}")
+            counts = scalars(tb, study_run, f"tuning/trials_{state}")
             assert [s for s, _ in counts] == [0, 1, 2] and counts[-1][1] == 1, (state, counts)
 
-        # HPARAMS: the experiment lists the swept and fixed keys, the state and the final metrics
-        experiment = tb.wait_for(lambda: tb.request("/data/plugin/hparams/experiment", {"experimentName": ""}),
-                                 "the hparams experiment")
+        # the Time Series view opens its first two tag groups: eval and train (the rows' trial/* sort after them)
+        groups = sorted({tag.split("/", 1)[0] for run in tags for tag in tags[run]})
+        assert groups[:2] == ["eval", "train"], groups
+
+        # HPARAMS, as TensorBoard computes it from the rows: the swept key, the state and the trial differ, so they
+        # are listed first and shown (the table shows five); the metric columns are the rows' own trial/* metrics
+        experiment = tb.wait_for(lambda: (e := tb.request("/data/plugin/hparams/experiment", {"experimentName": ""}))
+                                 and len(e.get("hparamInfos", [])) > 3 and e, "the hparams experiment")
         hparam_names = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"optimizer.lr", "lora.r", "lora.alpha", "state", "run_name"} <= hparam_names, hparam_names
+        assert {"optimizer.lr", "lora.r", "lora.alpha", "state", "trial"} <= hparam_names, hparam_names
         differing = {h["name"] for h in experiment["hparamInfos"] if h.get("differs")}
-        assert differing == {"state", "optimizer.lr"}  # the swept key: TensorBoard lists (and shows) these first
-        assert {h["name"] for h in experiment["hparamInfos"][:2]} == differing
-        metric_tags = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {"hparams/eval_loss", "hparams/perplexity", "hparams/train_tokens_per_s",
-                "hparams/peak_memory_gb"} <= metric_tags, metric_tags
-        # ... and the table: one session group per trial, as the HPARAMS dashboard asks for it
+        assert differing == {"state", "optimizer.lr", "trial"}, differing
+        assert {h["name"] for h in experiment["hparamInfos"][:3]} == differing
+        metric_tags = [m["name"]["tag"] for m in experiment["metricInfos"]]
+        assert metric_tags[0] == "trial/eval_loss" and all(t.startswith("trial/") for t in metric_tags), metric_tags
+        assert {"trial/perplexity", "trial/train_tokens_per_s", "trial/peak_memory_gb"} <= set(metric_tags)
+        # ... and the table: a row per trial of the study, with the study's state, as the HPARAMS dashboard asks
         body = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
                 "colParams": [*({"hparam": h, "includeInResult": True} for h in sorted(hparam_names)),
@@ -139,23 +144,33 @@ def test_every_trial_is_in_one_tensorboard_with_its_hparams(tb_sweep, tmp_path):
         groups = tb.wait_for(lambda: (g := tb.request("/data/plugin/hparams/session_groups", body)["sessionGroups"])
                              and len(g) == len(trials) and g, "a session group per trial")
         by_run = {g["name"]: g for g in groups}
-        assert set(by_run) == set(trials), sorted(by_run)
+        assert set(by_run) == {f"{run}/hparams" for run in trials}, sorted(by_run)
+        study = sweep_study(sweep)
         for run, t in trials.items():
-            g, m = by_run[run], t["metrics"]
-            assert g["hparams"]["state"] == m["status"] and g["hparams"]["run_name"] == run.split("/", 1)[1]
+            g, m = by_run[f"{run}/hparams"], t["metrics"]
+            assert g["hparams"]["state"] == m["status"]
+            assert g["hparams"]["trial"] == f"{t['number']:03d} {study.study_name}"  # number first, then the sweep
             assert g["hparams"]["optimizer.lr"] == pytest.approx(t["lr"])
             values = {v["name"]["tag"]: v["value"] for v in g["metricValues"]}
             (session,) = g["sessions"]
             if m["status"] == "failed":
-                assert "hparams/eval_loss" not in values and session["status"] == "STATUS_FAILURE"
+                assert "trial/eval_loss" not in values and session["status"] == "STATUS_FAILURE"
             else:
-                assert values["hparams/eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
-                assert values["hparams/perplexity"] == pytest.approx(m["perplexity"], rel=1e-5)
-                assert values["hparams/train_tokens_per_s"] == pytest.approx(m["train_tokens_per_s"])
-                assert values["hparams/peak_memory_gb"] == pytest.approx(m["peak_memory_gb"])
+                assert values["trial/eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
+                assert values["trial/perplexity"] == pytest.approx(m["perplexity"], rel=1e-5)
+                assert values["trial/train_tokens_per_s"] == pytest.approx(m["train_tokens_per_s"])
+                assert values["trial/peak_memory_gb"] == pytest.approx(m["peak_memory_gb"])
                 assert session["status"] == "STATUS_SUCCESS"
     finally:
         tb.stop()
+
+
+def sweep_study(cwd: Path):
+    import optuna
+
+    storage = f"sqlite:///{cwd}/outputs/optuna.db"
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def scalars(tb: TensorBoard, run: str, tag: str) -> list[tuple[int, float]]:
@@ -187,10 +202,10 @@ def test_study_run_is_rewritten_whole_and_superseded_files_go(tmp_path, monkeypa
     assert len(files) == 1, files
     acc = EventAccumulator(str(run))
     acc.Reload()
-    best = [(e.step, e.value) for e in acc.Scalars("study/best_value")]
+    best = [(e.step, e.value) for e in acc.Scalars("tuning/best_value")]
     assert best == [(0, 3.0), (1, 2.0), (2, 2.0), (3, 1.0), (4, 1.0)]
-    assert [e.value for e in acc.Scalars("study/trials_running")] == [0, 0, 0, 0, 1]
-    assert [e.value for e in acc.Scalars("study/trials_pruned")][-1] == 1
+    assert [e.value for e in acc.Scalars("tuning/trials_running")] == [0, 0, 0, 0, 1]
+    assert [e.value for e in acc.Scalars("tuning/trials_pruned")][-1] == 1
     # a config without paths: no run, nothing written; an unwritable root: one warning, and the sweep goes on
     before = sorted(tmp_path.rglob("*"))
     stb.write_study_run(study, OmegaConf.create({}), tmp_path / "elsewhere")
@@ -205,22 +220,40 @@ def test_hparams_row_has_the_same_keys_for_every_trial():
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(Path("/tmp/unused"), ["lora.target_modules=[q_proj,v_proj]", "run_name='007-lora.r=8'"])
-    row = trial_hparams(cfg, "/tb/s/007-lora.r=8", "pruned")
-    assert set(row) == {*HPARAM_KEYS, "run_name", "state"} and list(row)[:3] == ["state", "lora.r", "run_name"]
-    assert row["lora.target_modules"] == "q_proj,v_proj" and row["run_name"] == "007-lora.r=8"
-    assert row["lora.r"] == 16.0 and row["state"] == "pruned" and row["quantization.double_quant"] == "true"
+    row = trial_hparams(cfg, "/tb/s/007-lora.r=8")
+    assert set(row) == {*HPARAM_KEYS, "trial"} and list(row)[:2] == ["trial", "lora.r"]
+    assert row["lora.target_modules"] == "q_proj,v_proj" and row["trial"] == "007-lora.r=8"
+    assert row["lora.r"] == 16.0 and row["quantization.double_quant"] == "true"
     assert all(isinstance(v, (str, float)) for v in row.values())
     # swept keys outside HPARAM_KEYS join the row; `__main__`'s naming (for other sweepers) works too
     assert swept_keys(cfg, "001-trainer.gradient_checkpointing=true-optimizer.lr=1e-05-nope.key=1") == [
         "trainer.gradient_checkpointing", "optimizer.lr"]
     other = compose_cfg(Path("/tmp/unused"), ["run_name='001-trainer.gradient_checkpointing=true'"])
-    assert list(trial_hparams(other, "/tb/x", "failed"))[:3] == ["state", "trainer.gradient_checkpointing", "run_name"]
+    assert list(trial_hparams(other, "/tb/x"))[:2] == ["trial", "trainer.gradient_checkpointing"]
 
 
-def test_trial_board_writes_hparams_into_the_run_folder(tmp_path):
-    """The three hparams summaries and the metric scalars land in the trial's own folder (no subfolder)."""
+def _row(run: Path) -> tuple[dict, str, dict]:
+    """A row as TensorBoard reads it: (hparams, session status, metric scalars)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    plugins = PluginAccumulator(str(run))
+    plugins.Reload()
+    content = plugins.PluginTagToContent("hparams")
+    assert set(content) == {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG}, set(content)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    hparams = {k: (v.string_value if v.HasField("string_value") else v.number_value) for k, v in start.hparams.items()}
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return hparams, api_pb2.Status.Name(end.status), scalars
+
+
+def test_trial_board_writes_its_row_as_a_run_of_its_own_or_leaves_it_to_the_sweeps_driver(tmp_path):
+    """A single run writes its row into `<run>/hparams`; a trial of a sweep leaves it in hparams.json."""
+    import json
 
     from qlora_exp.callbacks import TrialBoard
     from qlora_exp.trial import TrialResult
@@ -235,15 +268,61 @@ def test_trial_board_writes_hparams_into_the_run_folder(tmp_path):
                              perplexity=math.exp(eval_loss) if eval_loss else None)
         board.write_hparams(cfg, result)  # (finish() would swallow an error: call it directly)
         board.close()
-        assert [p.parent for p in run.rglob("*tfevents*")] == [run]
-        plugins = PluginAccumulator(str(run))
-        plugins.Reload()
-        hparams = set(plugins.PluginTagToContent("hparams"))
-        assert hparams == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
-        acc = EventAccumulator(str(run))
-        acc.Reload()
-        tags = set(acc.Tags()["scalars"])
-        if eval_loss:
-            assert [(e.step, e.value) for e in acc.Scalars("hparams/eval_loss")] == [(20, 5.25)]
-        else:
-            assert "hparams/eval_loss" not in tags
+        assert sorted({p.parent for p in run.rglob("*tfevents*")}) == [run, run / "hparams"]
+        hparams, session, metrics = _row(run / "hparams")
+        assert hparams["state"] == status and hparams["trial"] == "003-lora.r=8" and hparams["lora.r"] == 16.0
+        assert session == ("STATUS_SUCCESS" if eval_loss else "STATUS_FAILURE")
+        assert metrics.get("trial/eval_loss") == ([(20, 5.25)] if eval_loss else None)
+        assert "train/loss" not in metrics  # the training scalars stay in the trial's run
+    board = TrialBoard(str(tmp_path / "in_sweep"), row_file=tmp_path / "hparams.json")
+    board.interrupted = True  # cut short: in a sweep the driver still writes its row (state interrupted)
+    board.finish(cfg, TrialResult(status="failed", objective=None, eval_loss=None, perplexity=None))
+    saved = json.loads((tmp_path / "hparams.json").read_text())
+    assert saved["hparams"]["trial"] == "003-lora.r=8" and saved["metrics"] == {} and not (tmp_path / "in_sweep").exists()
+
+
+def test_the_driver_writes_a_row_for_every_ended_trial_with_the_studys_state(tmp_path):
+    """Rows come from the study: a trial the driver failed reads failed though it wrote complete metrics, one
+    interrupted before it wrote anything still has its row, a running one none yet; each is written once."""
+    import json
+
+    import optuna
+
+    import sweeper.tensorboard as stb
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="grid-lora.r-1a2b3c4d")
+    d = {"lora.r": optuna.distributions.CategoricalDistribution([8, 16, 32, 64, 128])}
+    root = tmp_path / "tb" / "sweep"
+    for r, end in ((8, "complete"), (16, "pruned"), (32, "driver failed"), (64, "interrupted"), (128, "running")):
+        study.enqueue_trial({"lora.r": r})
+        t = study.ask(d)
+        folder = tmp_path / "multirun" / str(t.number)
+        t.set_user_attr("folder", str(folder))
+        if end != "interrupted":  # the trial's own words: its hparams and final metrics
+            folder.mkdir(parents=True)
+            (folder / stb.ROW_FILE).write_text(json.dumps({
+                "hparams": {"trial": f"{t.number:03d}-lora.r={r}", "lora.r": r, "data.name": "tiny"},
+                "metrics": {"trial/eval_loss": 3.0 + t.number}, "step": 20,
+                "tensorboard_dir": str(root / f"{t.number:03d}-lora.r={r}")}))
+        if end == "complete":
+            study.tell(t, 3.0)
+        elif end == "pruned":
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        elif end == "driver failed":  # e.g. its objective was refused
+            t.set_user_attr("fail_reason", "no objective")
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+        elif end == "interrupted":
+            t.set_user_attr("interrupted", True)
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+    assert stb.write_trial_rows(study, root) == 4
+    rows = {p.parent.name: _row(p) for p in sorted(root.glob("*/hparams"))}
+    assert sorted(rows) == ["000-lora.r=8", "001-lora.r=16", "002-lora.r=32", "003-lora.r=64"]
+    states = {name: (h["state"], h["trial"], status) for name, (h, status, _) in rows.items()}
+    assert states == {"000-lora.r=8": ("complete", "000 grid-lora.r-1a2b3c4d", "STATUS_SUCCESS"),
+                      "001-lora.r=16": ("pruned", "001 grid-lora.r-1a2b3c4d", "STATUS_SUCCESS"),
+                      "002-lora.r=32": ("failed", "002 grid-lora.r-1a2b3c4d", "STATUS_FAILURE"),
+                      "003-lora.r=64": ("interrupted", "003 grid-lora.r-1a2b3c4d", "STATUS_FAILURE")}
+    assert rows["000-lora.r=8"][2] == {"trial/eval_loss": [(20, 3.0)]} and rows["003-lora.r=64"][2] == {}
+    assert rows["003-lora.r=64"][0]["lora.r"] == 64.0  # from the study's parameters alone
+    assert stb.write_trial_rows(study, root) == 0  # once: a row TensorBoard read cannot be changed
