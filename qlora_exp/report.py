@@ -141,47 +141,97 @@ def markdown_table(header: list[str], rows: list[list[str]], reason_width: int =
 # ---- the plots ------------------------------------------------------------------------------------------
 def draw_plots(study, folder: Path, objective_names: list[str] | None) -> tuple[dict[str, Path], dict[str, str]]:
     """Each plot as a PNG; a plot that cannot be drawn is skipped with the reason, never raised."""
+    import matplotlib.pyplot as plt
+
+    written, skipped = {}, {}
+    for name, ax in plot_axes(study, objective_names).items():
+        path = folder / f"{name}.png"
+        path.unlink(missing_ok=True)  # never leave a stale plot from an earlier report
+        if isinstance(ax, str):
+            skipped[name] = ax
+            continue
+        try:
+            fig = _figure(ax)
+            fig.set_size_inches(11, 6)
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            written[name] = path
+        except Exception as e:  # noqa: BLE001  (a plot that cannot be saved is a note, not a crash)
+            skipped[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    plt.close("all")
+    for name in PLOT_FILES:
+        if name not in written and name not in skipped:
+            (folder / f"{name}.png").unlink(missing_ok=True)
+    return written, skipped
+
+
+FEW_FOR_IMPORTANCES = 10  # fANOVA's importances from fewer complete trials than this: shown with a warning
+
+
+def plot_axes(study, objective_names: list[str] | None) -> dict:
+    """name -> the matplotlib Axes of each plot (Optuna's, made readable: a colour scale whose worst end still
+    shows, legends that name each trial's parameters, axes labelled with the objective's name, a note of what a
+    plot leaves out), or the reason it was not drawn (a str)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
+
+    from sweeper.naming import short
 
     n_obj = len(study.directions)
     names = objective_names if objective_names and len(objective_names) == n_obj else (
         ["objective"] if n_obj == 1 else [f"objective {i}" for i in range(n_obj)])
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned_n, failed_n = (sum(t.state == s for t in trials) for s in (TrialState.PRUNED, TrialState.FAIL))
     with_steps = [t for t in trials if t.intermediate_values and t.state in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                                TrialState.RUNNING)]
     target = (lambda t: t.values[0]) if n_obj > 1 else None
+    params = lambda t: " ".join(f"{k}={short(v)}" for k, v in t.params.items())  # noqa: E731
 
     def history():
-        return ovm.plot_optimization_history(study, target=target, target_name=names[0])
+        ax = ovm.plot_optimization_history(study, target=target, target_name=names[0])
+        left_out = [f"{n} {what}" for n, what in ((pruned_n, "pruned"), (failed_n, "failed")) if n]
+        _title(ax, f"Optimization history: {len(complete)} complete trial(s)" + (
+            f" ({' and '.join(left_out)} have no {names[0]}: not shown)" if left_out else ""))
+        _relabel(ax, {"Best Value": "best so far"})
+        return ax
 
     def importances():
         distinct = [k for k in {k for t in complete for k in t.params}
                     if len({repr(t.params.get(k)) for t in complete}) > 1]
         if len(complete) < 2 or not distinct:
             raise _Skip(f"needs 2 or more complete trials with different parameters ({len(complete)} complete)")
-        return ovm.plot_param_importances(study, target=target, target_name=names[0])
+        ax = ovm.plot_param_importances(study, target=target, target_name=names[0])
+        if len(complete) < FEW_FOR_IMPORTANCES:
+            _title(ax, f"Parameter importances for {names[0]}: from only {len(complete)} complete trials, a "
+                         "hint, not a measurement", color="darkred")
+        else:
+            _title(ax, f"Parameter importances for {names[0]} ({len(complete)} complete trials)")
+        return ax
 
     def parallel():
-        return ovm.plot_parallel_coordinate(study, target=target, target_name=names[0])
+        ax = ovm.plot_parallel_coordinate(study, target=target, target_name=names[0])
+        _readable_scale(ax)
+        _title(ax, f"Parallel coordinates: {len(complete)} complete trial(s), darker is better")
+        return ax
 
     def intermediate():
         if not with_steps:
             raise _Skip("no trial has reported an intermediate value yet")
         ax = ovm.plot_intermediate_values(study)
+        by_label = {f"Trial{t.number}": f"trial {t.number}: {params(t)}" for t in with_steps}
+        _relabel(ax, by_label)
         pruned = [t for t in with_steps if t.state == TrialState.PRUNED]
         for i, t in enumerate(pruned):
             step = max(t.intermediate_values)
             ax.scatter([step], [t.intermediate_values[step]], marker="x", s=90, color="red", zorder=5,
                        label="pruned here" if i == 0 else None)
-        if pruned:
-            ax.legend(loc="best", fontsize="small")
-        ax.set_title(f"Intermediate values ({len(pruned)} pruned)")
+        ax.set_ylabel(f"{names[0]} at the step (reported to the pruner)")
+        ax.set_xlabel("step")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        _title(ax, f"Intermediate values: {len(with_steps)} trial(s), {len(pruned)} pruned (red x)")
         return ax
 
     def pareto():
@@ -191,31 +241,73 @@ def draw_plots(study, folder: Path, objective_names: list[str] | None) -> tuple[
              ("parallel_coordinate", parallel), ("intermediate_values", intermediate)]
     if n_obj > 1:
         plans.append(("pareto_front", pareto))
-    written, skipped = {}, {}
+    out: dict = {}
     for name, draw in plans:
-        path = folder / f"{name}.png"
-        path.unlink(missing_ok=True)  # never leave a stale plot from an earlier report
         if name != "intermediate_values" and not complete:
-            skipped[name] = "no complete trial yet"
+            out[name] = "no complete trial yet"
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = draw()
-            fig = _figure(ax)
-            fig.set_size_inches(10, 6)
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            written[name] = path
+                out[name] = draw()
         except _Skip as e:
-            skipped[name] = str(e)
+            out[name] = str(e)
         except Exception as e:  # noqa: BLE001  (a plot Optuna cannot draw for this study is a note, not a crash)
-            skipped[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        finally:
-            plt.close("all")
-    for name in PLOT_FILES:
-        if name not in written and name not in skipped:
-            (folder / f"{name}.png").unlink(missing_ok=True)
-    return written, skipped
+            out[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return out
+
+
+def _title(ax, text: str, **kw) -> None:
+    """The plot's one title (Optuna puts some of its own on the left)."""
+    for loc in ("left", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(text, **kw)
+
+
+def _relabel(ax, labels: dict[str, str]) -> None:
+    for artist in [*ax.lines, *ax.collections]:
+        if artist.get_label() in labels:
+            artist.set_label(labels[artist.get_label()])
+    if ax.get_legend() is not None:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+
+
+def _readable_scale(ax) -> None:
+    """Optuna colours the lines with Blues, whose worst end is near white on the light grey style: the same scale
+    from a third of the way in, so every line shows; tick labels on a white backing, clear of the lines."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    lines = [c for c in ax.collections if c.get_array() is not None]
+    if lines:
+        base = matplotlib_cmap(lines[0].get_cmap())
+        light = lambda x: sum(base(x)[:3])  # noqa: E731
+        keep = [i / 20 for i in range(14)] if light(1.0) > light(0.0) else [i / 20 for i in range(6, 21)]
+        cmap = LinearSegmentedColormap.from_list("readable", base(keep))  # the near-white end cut off
+        for c in lines:
+            c.set_cmap(cmap)
+            if getattr(c, "colorbar", None) is not None:
+                c.colorbar.update_normal(c)
+    import math
+
+    bars = {c.colorbar.ax for c in lines if getattr(c, "colorbar", None) is not None}
+    for axis in ax.figure.axes:
+        if axis in bars:
+            continue
+        lo, hi = axis.get_ylim()  # 4 % more room above and below (the same share on every axis: the lines still
+        if axis.get_yscale() == "log" and lo > 0 and hi > 0:  # meet each axis at its value), so the end labels
+            pad = (math.log10(hi) - math.log10(lo)) * 0.04  # clear the frame
+            axis.set_ylim(10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad))
+        else:
+            pad = (hi - lo) * 0.04
+            axis.set_ylim(lo - pad, hi + pad)
+        for label in axis.get_yticklabels():
+            label.set_bbox({"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 1})
+
+
+def matplotlib_cmap(cmap):
+    import matplotlib
+
+    return matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
 
 
 class _Skip(Exception):
@@ -231,7 +323,23 @@ def _figure(ax):
 
 
 # ---- the report -------------------------------------------------------------------------------------------
-def build_report(study, folder: Path, storage_url: str, objective_names: list[str] | None = None) -> Report:
+def reproduce_command(study, trial, results_file: Path | None) -> str:
+    """The command that runs `trial` again as a single run: the sweep's own (optimization_results.yaml's best
+    command, with the sweep's fixed overrides) when it names this trial, else the study's command and its params."""
+    from omegaconf import OmegaConf
+
+    from sweeper.naming import hydra_value
+
+    if results_file is not None and results_file.is_file():
+        best = OmegaConf.select(OmegaConf.load(results_file), "best", default=None)
+        if best is not None and best.get("number") == trial.number and best.get("command"):
+            return str(best.command)
+    base = str(study.user_attrs.get("command") or "python -m qlora_exp")
+    return " ".join([base, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items())])
+
+
+def build_report(study, folder: Path, storage_url: str, objective_names: list[str] | None = None,
+                 results_file: Path | None = None) -> Report:
     from optuna.trial import TrialState
 
     from sweeper.storage import hide_password
@@ -253,9 +361,16 @@ def build_report(study, folder: Path, storage_url: str, objective_names: list[st
           + (" (the study is still running: this is a snapshot)" if counts.get("running") else ""), ""]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and n_obj == 1:
+        from sweeper.results import range_edges
+
         best = study.best_trial
         md += ["## Best trial", "", f"Trial {best.number}: {_fmt(best.value)} with "
                + ", ".join(f"`{k}={_fmt(v)}`" for k, v in best.params.items()), ""]
+        if edges := range_edges(best):  # the optimum may lie past what was searched
+            md += ["> **At the edge of its range:** " + "; ".join(
+                f"`{k}={_fmt(best.params[k])}` ({edges[k]})" for k in edges)
+                + ". The optimum may lie outside the searched range: widen it and sweep again.", ""]
+        md += ["Run it again on its own:", "", "```bash", reproduce_command(study, best, results_file), "```", ""]
     elif complete:
         md += ["## Pareto front", "", "| number | values | params |", "| --- | --- | --- |",
                *(f"| {t.number} | {', '.join(_fmt(v) for v in t.values)} | "
@@ -267,6 +382,9 @@ def build_report(study, folder: Path, storage_url: str, objective_names: list[st
     for name, title in titles.items():
         if name in plots:
             md += [f"### {title}", "", f"![{title}]({plots[name].name})", ""]
+            if name == "param_importances" and len(complete) < FEW_FOR_IMPORTANCES:
+                md += [f"_Drawn from only {len(complete)} complete trials: importances from so few are a hint, not "
+                       "a measurement._", ""]
         elif name in skipped:
             md += [f"### {title}", "", f"_Not drawn: {skipped[name]}._", ""]
     md += ["## Trials", "", markdown_table(header, rows), "",
@@ -302,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = open_study(storage_url, study_name)
-        report = build_report(study, folder, storage_url, names)
+        results = None if args.storage else sweep / "optimization_results.yaml"
+        report = build_report(study, folder, storage_url, names, results)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

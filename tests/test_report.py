@@ -55,6 +55,61 @@ def test_report_on_a_finished_sweep(tb_sweep):
         assert_png(png)
     assert "Parameter importances" in text and "_Not drawn:" in text  # one complete trial: no importances
     assert newest_sweep(sweep) == folder
+    # the best trial's command, as optimization_results.yaml has it (the sweep's fixed overrides with its params)
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(folder / "optimization_results.yaml").best
+    assert f"Run it again on its own:\n\n```bash\n{best.command}\n```" in text and "optimizer.lr=" in best.command
+
+
+def test_each_plot_says_what_it_shows(tmp_path):
+    """What the pictures hold, read from the figures: the trials drawn, their colours, legends and labels."""
+    import matplotlib.pyplot as plt
+
+    from qlora_exp.report import plot_axes
+
+    study = optuna.load_study(study_name="live", storage=make_study(tmp_path / "s.db", "live"))
+    axes = plot_axes(study, ["eval_loss"])
+    try:
+        history = axes["optimization_history"]  # 3 complete; the pruned, failed and running ones said to be left out
+        assert history.get_title() == ("Optimization history: 3 complete trial(s) (1 pruned and 1 failed have no "
+                                       "eval_loss: not shown)")
+        assert history.get_ylabel() == "eval_loss" and "best so far" in [t.get_text() for t in
+                                                                          history.get_legend().get_texts()]
+        assert len(history.collections[0].get_offsets()) == 3
+        importances = axes["param_importances"]  # from 3 trials: a warning in the title, in red
+        assert "from only 3 complete trials" in importances.get_title() and importances.title.get_color() == "darkred"
+        parallel = axes["parallel_coordinate"]  # a line per complete trial, none of them near-white
+        (lines,) = [c for c in parallel.collections if c.get_array() is not None]
+        colours = lines.get_colors() if len(lines.get_colors()) > 1 else lines.to_rgba(lines.get_array())
+        assert len(lines.get_array()) == 3 and max(sum(c[:3]) for c in colours) < 2.5, colours
+        parallel.figure.canvas.draw()  # the tick labels as drawn: on a white backing, clear of the lines
+        labelled = [ax for ax in parallel.figure.axes if ax is not lines.colorbar.ax]
+        assert len(labelled) == 3 and all(label.get_bbox_patch() is not None for ax in labelled
+                                          for label in ax.get_yticklabels() if label.get_text())
+        intermediate = axes["intermediate_values"]  # every trial that reported, named with its parameters
+        legend = [t.get_text() for t in intermediate.get_legend().get_texts()]
+        reported = sorted(t.number for t in study.trials if t.intermediate_values and t.state != TrialState.FAIL)
+        params = {t.number: t.params for t in study.trials}
+        assert legend == [*(f"trial {n}: optimizer.lr={params[n]['optimizer.lr']:.3g} lora.r={params[n]['lora.r']}"
+                            for n in reported), "pruned here"], legend
+        assert intermediate.get_ylabel().startswith("eval_loss") and intermediate.get_xlabel() == "step"
+    finally:
+        plt.close("all")
+
+
+def test_report_warns_when_the_best_value_is_at_the_edge_of_its_range(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="edge", storage=url)
+    study.set_user_attr("command", "python -m qlora_exp")
+    for lr, value in ((1e-5, 3.0), (1e-4, 2.5), (1e-2, 2.0)):  # the best at the top of 1e-5..1e-2
+        study.enqueue_trial({"optimizer.lr": lr, "lora.r": 16})
+        study.tell(study.ask(SPACE), value)
+    assert main(["--storage", url, "--study", "edge", "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "> **At the edge of its range:** `optimizer.lr=0.01` (0.01 is at the top of 1e-05..0.01" in text, text
+    assert "```bash\npython -m qlora_exp optimizer.lr=0.01 lora.r=16\n```" in text
+    assert "_Drawn from only 3 complete trials" in text
 
 
 def make_study(path: Path, name: str, directions=("minimize",), running: bool = True) -> str:
