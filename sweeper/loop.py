@@ -38,7 +38,7 @@ from sweeper.policy import (
     stale_trials,
     storage_fault,
 )
-from sweeper.progress import ProgressLines
+from sweeper.progress import PROGRESS_LOG, LiveView, ProgressLines
 from sweeper.results import write_results
 from sweeper.stop import STATE as IN_PROCESS_TRIAL  # a sweep worker's own trial: how it is cut short
 from sweeper.storage import ask_lock
@@ -116,6 +116,27 @@ class Loop:
         self.worker_job = None  # a sweep worker's own job (sweeper.workers): told which trial it runs, for a requeue
         self.left_to_worker: set[int] = set()  # stale trials whose worker's SLURM job is still queued (said once)
         self.progress = ProgressLines()  # a line per running trial at each of its evaluations (sweeper.progress)
+        self._view: LiveView | None = None
+        self.reasons: dict[str, tuple[float, str]] = {}  # a pending SLURM job's reason, asked for every 30 s
+
+    @property
+    def view(self) -> LiveView:
+        if self._view is None:  # made once Hydra's logging is set up: it finds the terminal's handler
+            self._view = LiveView(log, self.s.folder / PROGRESS_LOG)
+        return self._view
+
+    def where(self, r: Running) -> str:
+        """Where a running trial is, for its progress line: its slot, or its SLURM job's state and pending reason."""
+        if self.s.kind != "slurm":
+            return f"slot {r.slot}"
+        state = str(r.job.state)
+        if state.startswith("PENDING"):
+            at, reason = self.reasons.get(str(r.job.job_id), (0.0, ""))
+            if time.time() - at > 30:
+                reason = _pending_reason(r.job.job_id)
+                self.reasons[str(r.job.job_id)] = (time.time(), reason)
+            return f"SLURM job {r.job.job_id} PENDING ({reason or '?'})"
+        return f"SLURM job {r.job.job_id} {state}"
 
     def stopping(self, reason: str) -> None:
         """No more trials start; those running are collected before the driver exits with `reason`."""
@@ -132,7 +153,11 @@ class Loop:
         with Interrupts(signals) as irq:
             try:
                 write_results(self.s.study, self.s, len(self.running))  # `sweeper.status` works from the start
-                self._run(irq)
+                try:
+                    self._run(irq)
+                finally:
+                    if self._view is not None:  # the block of progress lines leaves the terminal with the loop
+                        self._view.close()
                 if irq.count:
                     self.stop_interrupted()
                 write_results(self.s.study, self.s, 0)
@@ -172,9 +197,8 @@ class Loop:
                 continue
             time.sleep(s.settings.poll_s)
             if s.kind != "worker":  # a worker's own trial says its progress itself, in this process
-                for line in self.progress.lines([(n, r.trial.params, r.folder) for n, r in self.running.items()],
-                                                s.study_name):
-                    log.info("%s", line)
+                running = [(n, r.trial.params, r.folder, self.where(r)) for n, r in self.running.items()]
+                self.view.show(self.progress.lines(running, s.study_name), self.progress.block())
             for number in [n for n, r in self.running.items() if r.job.done()]:
                 self.finish(self.running.pop(number))
                 if stop := failure_stop(study, s.settings.max_failure_rate):

@@ -339,10 +339,9 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                              "shows the sweep", s.folder)
                     return 0
             _relay(tail)
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            for line in loop.progress.lines([(t.number, t.params, t.user_attrs.get("folder")) for t in running],
-                                            s.study_name):
-                log.info("%s", line)
+            running = [(t.number, t.params, t.user_attrs.get("folder"), _worker_of(t))
+                       for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            loop.view.show(loop.progress.lines(running, s.study_name), loop.progress.block())
             if s.kind == "slurm" and (never := _never_starts(jobs, submitted)):
                 stopped.append(never)
                 for job in jobs:
@@ -356,6 +355,7 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
                 jobs.remove(job)
                 stopped += _worker_outcome(job)
             time.sleep(max(st.poll_s, 0.5))
+        loop.view.close()  # the block of progress lines (on a terminal) leaves with the loop
         _relay(tail)
         if irq.count:
             _stop_workers(s, jobs)
@@ -379,6 +379,13 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
 
 MAX_ROUNDS = 3      # workers started again when all ended with trials left (one died, a trial was queued again)
 STOP_WAIT_S = 60.0  # how long Ctrl-C waits for the workers to cut their trials short and queue them again
+
+
+def _worker_of(t) -> str:
+    """Where a running trial of a worker is, for its progress line."""
+    if t.user_attrs.get("slurm_job"):
+        return f"worker: SLURM job {t.user_attrs['slurm_job']}"
+    return f"worker {t.user_attrs['worker_job']}" if t.user_attrs.get("worker_job") else "worker"
 
 
 def _note_pending(jobs: list, since: float, noted: dict) -> None:

@@ -20,7 +20,14 @@ def main(cfg):
     if cfg.runs_log:  # one line per training started: a point trained twice shows twice
         with open(cfg.runs_log, "a") as f:
             f.write(json.dumps({"x": cfg.x, "y": cfg.y, "pid": os.getpid()}) + "\n")
-    time.sleep(cfg.sleep_s + cfg.x * cfg.sleep_per_x)  # a trial that takes a while: interrupts land while it runs
+    if cfg.progress_steps:  # a trial that says how far it got, as qlora_exp's does at each evaluation
+        from sweeper.progress import PROGRESS_FILE, write_progress
+
+        for step in range(1, cfg.progress_steps + 1):
+            time.sleep(cfg.sleep_s / cfg.progress_steps)
+            write_progress(out / PROGRESS_FILE, step, cfg.progress_steps, value + 1 / step, None)
+    else:
+        time.sleep(cfg.sleep_s + cfg.x * cfg.sleep_per_x)  # a trial that takes a while: interrupts land while it runs
     (out / "metrics.json").write_text(json.dumps({"value": value, "other": -value, "pid": os.getpid()}))
     return {"value": value, "pair": (value, -value), "dict": {"value": value, "other": -value},
             "text": "not a number", "none": None}[cfg.returns]
