@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import math
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -335,7 +336,7 @@ def reproduce_command(study, trial, results_file: Path | None) -> str:
         if best is not None and best.get("number") == trial.number and best.get("command"):
             return str(best.command)
     base = str(study.user_attrs.get("command") or "python -m qlora_exp")
-    return " ".join([base, *(f"{k}={hydra_value(v)}" for k, v in trial.params.items())])
+    return " ".join([base, *(shlex.quote(f"{k}={hydra_value(v)}") for k, v in trial.params.items())])
 
 
 def build_report(study, folder: Path, storage_url: str, objective_names: list[str] | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -30,7 +31,7 @@ def write_results(study, sweep, running: int) -> None:
     best_line = "none yet"
     if count["complete"]:
         def describe(t):
-            args = " ".join([*sweep.fixed, *(f"{k}={hydra_value(v)}" for k, v in t.params.items())])
+            args = " ".join(shlex.quote(a) for a in [*sweep.fixed, *(f"{k}={hydra_value(v)}" for k, v in t.params.items())])
             return {"number": t.number, "values": list(t.values), "params": dict(t.params),
                     "folder": t.user_attrs.get("folder"), "command": f"{sweep.command} {args}".strip()}
         if len(sweep.settings.directions) == 1:

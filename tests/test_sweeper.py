@@ -1,6 +1,7 @@
 """The Optuna sweeper end to end, through `python -m qlora_exp -m ...` on the embedded default."""
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def test_grid_of_three_is_exactly_three_trials_and_a_rerun_runs_none(tb_sweep):
     assert results.best.value == complete.value and results.best.number == complete.number
     assert (results.trials.complete, results.trials.pruned, results.trials.fail) == (1, 1, 1)
     assert "optimizer.lr=" in results.best.command and "trainer.max_steps=20" in results.best.command
-    assert "+callbacks.fail.value=${optimizer.lr}" in results.best.command  # an interpolation in it reads back as written
+    # an interpolation in it reads back as written, quoted for the shell (bash would try to expand ${...})
+    assert "+callbacks.fail.value=${optimizer.lr}" in shlex.split(results.best.command)
+    assert "'+callbacks.fail.value=${optimizer.lr}'" in results.best.command
     # the second run of the same command: resumed, nothing trained again (metrics written by the first run only)
     again = (tb_sweep / "outputs" / "test-output-again.txt").read_text()
     first_end = max(t.datetime_complete for t in study.trials)
