@@ -76,38 +76,60 @@ def tokenizer_corpus(paths: DictConfig) -> Path:
     return Path(paths.data_dir) / "tiny_instruct" / "train.jsonl"
 
 
-def random_model_path(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -> Path:
-    """Where the random-weight model of `model_cfg.shape` is (or will be) built."""
+def random_model_path(model_cfg: DictConfig, cache_dir: str, corpus_file: Path, quantization=None) -> Path:
+    """Where the random-weight model of `model_cfg.shape` is (or will be) built; with `model.random_build:
+    quantized`, its 4-bit build for `quantization` (a folder of its own: other weights, another format)."""
     shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
-    key = json.dumps([model_cfg.architecture, shape, model_cfg.seed, corpus_file.name], sort_keys=True)
-    return Path(cache_dir) / "models" / f"{model_cfg.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    key = [model_cfg.architecture, shape, model_cfg.seed, corpus_file.name]
+    name = model_cfg.name
+    if quantized_build(model_cfg) and quantization is not None:  # (None: only its tokenizer is asked for)
+        q = quantization
+        key += [q.method, q.double_quant, q.quant_storage]
+        name = f"{name}-{q.method}"
+    key = json.dumps(key, sort_keys=True)
+    return Path(cache_dir) / "models" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def quantized_build(model_cfg: DictConfig) -> bool:
+    return bool(model_cfg.get("random_init")) and model_cfg.get("random_build", "full") == "quantized"
 
 
 def _is_built(path: Path) -> bool:
     return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
 
 
-def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path) -> Path:
-    """Build (once) and return the folder of a random-weight model of `model_cfg.shape`."""
+def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path, quantization=None) -> Path:
+    """Build (once) and return the folder of a random-weight model of `model_cfg.shape` (`model.random_build:
+    quantized`: straight into its 4-bit form, qlora_exp.quantized_build)."""
     shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
-    path = random_model_path(model_cfg, cache_dir, corpus_file)
+    path = random_model_path(model_cfg, cache_dir, corpus_file, quantization)
     if _is_built(path):
         return path
-    check_build_fits(model_cfg, path.parent)
-    log.info("building random-weight %s model (seed %d) in %s", model_cfg.name, model_cfg.seed, path)
+    check_build_fits(model_cfg, path.parent, quantized=quantized_build(model_cfg))
+    log.info("building random-weight %s model (seed %d%s) in %s", model_cfg.name, model_cfg.seed,
+             f", straight into {quantization.method}" if quantized_build(model_cfg) else "", path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
+        if quantized_build(model_cfg):
+            return _build_quantized(model_cfg, shape, path, tmp, corpus_file, quantization)
         return _build(model_cfg, shape, path, tmp, corpus_file)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written build is never left in the cache
         raise
 
 
-def build_needs_gib(model_cfg: DictConfig, cuda: bool) -> tuple[float, float]:
+def build_needs_gib(model_cfg: DictConfig, cuda: bool, quantized: bool = False) -> tuple[float, float]:
     """(parameters in billions, GiB of memory) a random-weight build of this shape takes: its weights in bf16 on a
-    GPU, in fp32 on the CPU (the build's dtype), plus a GiB for the process."""
-    params = sum(p.numel() for p in meta_model(model_cfg).parameters())
-    return params / 1e9, params * (2 if cuda else 4) / 2**30 + 1.0
+    GPU, in fp32 on the CPU (the build's dtype), plus a GiB for the process; built quantized, its 4-bit size
+    (quantized_size_gib, with the embeddings and head in the build's dtype) and its largest weight drawn whole."""
+    model = meta_model(model_cfg)
+    params = sum(p.numel() for p in model.parameters())
+    if not quantized:
+        return params / 1e9, params * (2 if cuda else 4) / 2**30 + 1.0
+    from qlora_exp.quantized_build import SHARD_BYTES
+
+    largest = max(p.numel() for p in model.parameters())  # drawn whole (fp32 on a CPU), while a shard is filled
+    return params / 1e9, (SHARD_BYTES + largest * (2 if cuda else 4) * 2) / 2**30 + 1.0
 
 
 def available_gib(cuda: bool) -> float:
@@ -122,7 +144,7 @@ def available_gib(cuda: bool) -> float:
     return float("inf")
 
 
-def check_build_fits(model_cfg: DictConfig, cache: Path) -> None:
+def check_build_fits(model_cfg: DictConfig, cache: Path, quantized: bool = False) -> None:
     """Refuse, in one line, a random-weight build this machine's memory or the cache's disk cannot hold (the 8B shape
     in fp32 on a 24 GiB CPU machine was killed for memory after a minute, its half-built folder left behind)."""
     import torch
@@ -130,9 +152,13 @@ def check_build_fits(model_cfg: DictConfig, cache: Path) -> None:
     from qlora_exp.errors import ConfigError
 
     cuda = torch.cuda.is_available()
-    billions, need = build_needs_gib(model_cfg, cuda)
+    billions, need = build_needs_gib(model_cfg, cuda, quantized)
     have = available_gib(cuda)
     where = "GPU memory free" if cuda else "memory available on this machine"
+    if need > have and quantized:
+        raise ConfigError("model.random_init", True, f"a shape this machine can build: {model_cfg.name} has "
+                          f"{billions:.1f}B parameters, {need:.1f} GiB to build straight into 4 bits, and there is "
+                          f"{have:.1f} GiB {where}")
     if need > have:
         raise ConfigError("model.random_init", True, f"a shape this machine can build: {model_cfg.name} has "
                           f"{billions:.1f}B parameters, {need:.1f} GiB to build in {'bf16' if cuda else 'fp32'}, and "
@@ -140,7 +166,8 @@ def check_build_fits(model_cfg: DictConfig, cache: Path) -> None:
                           f"(bf16: {billions * 1e9 * 2 / 2**30 + 1:.0f} GiB), or give model.name_or_path a saved model")
     cache.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(cache).free / 2**30
-    weights = billions * 1e9 * (2 if cuda else 4) / 2**30
+    weights = quantized_size_gib(model_cfg, "", other_bytes=2 if cuda else 4) if quantized else billions * 1e9 * (
+        2 if cuda else 4) / 2**30
     if weights > disk:
         raise ConfigError("paths.cache_dir", str(cache), f"a folder with {weights:.1f} GiB free for the {model_cfg.name} "
                           f"random-weight build (it has {disk:.1f} GiB)")
@@ -165,6 +192,24 @@ def _build(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, corpus_fil
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # give the build's bf16 weights back before the quantized load
+    if path.exists():  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def _build_quantized(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, corpus_file: Path,
+                     quantization) -> Path:
+    import torch
+    from transformers import AutoConfig
+
+    from qlora_exp.quantized_build import build_quantized
+
+    tok = build_tokenizer(tmp, corpus_file, min(shape["vocab_size"], 512))
+    config = AutoConfig.for_model(model_cfg.architecture, **shape, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    build_quantized(config, quantization, model_cfg.seed, tmp, "cuda" if torch.cuda.is_available() else "cpu")
     if path.exists():  # another process won the race: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -214,9 +259,78 @@ def load_base_model(source: str, model_cfg: DictConfig, quantization_config, dty
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  use_safetensors=True, dtype=dtype, quantization_config=quantization_config)
+                  use_safetensors=True, dtype=dtype)
+    if quantization_config is not None:  # (None passed would also drop a saved 4-bit checkpoint's own config)
+        kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+# ---- the quantized-base cache (quantization.cache=true) ----------------------------------------------------------
+def quantized_base_path(cfg: DictConfig, source: str, compute_dtype) -> Path:
+    """Where the base quantized for this trial is kept: keyed by the model (folder or hub id, revision), the
+    quantization config and the bitsandbytes version whose format it is in."""
+    import bitsandbytes
+    import transformers
+
+    q = cfg.quantization
+    key = json.dumps([str(Path(source).resolve()) if Path(source).exists() else source, cfg.model.revision, q.method,
+                      q.double_quant, str(compute_dtype), q.quant_storage, bitsandbytes.__version__,
+                      transformers.__version__.rsplit(".", 1)[0]])
+    name = Path(str(source).rstrip("/")).name.replace("/", "_")
+    return Path(cfg.paths.cache_dir) / "quantized" / f"{name}-{q.method}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def quantized_size_gib(model_cfg: DictConfig, source: str, other_bytes: int = 2) -> float:
+    """What the base takes on disk in 4 bits: linear weights at ~0.53 byte each (4 bits, their block constants),
+    the rest (embeddings, norms, the LM head) at `other_bytes` (bf16). From the architecture on the meta device:
+    nothing loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.random_init:
+        model = meta_model(model_cfg)
+    else:
+        config = AutoConfig.from_pretrained(source, revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    total = sum(p.numel() for p in model.parameters())
+    return (linear * 0.53 + (total - linear) * other_bytes) / 2**30
+
+
+def load_quantized_base(cfg: DictConfig, source: str, quant, dtype, device_map, keep_layout) -> tuple[object, str]:
+    """(the base, where it came from): from the quantized cache when this base was quantized before, else
+    quantized from `source` and saved there (a bitsandbytes-serialized safetensors checkpoint that
+    `from_pretrained` loads as it is), so every later trial of the sweep skips the quantization. A cache without
+    the disk for it is refused in one line, before anything is loaded."""
+    from qlora_exp.errors import ConfigError
+
+    path = quantized_base_path(cfg, source, quant.bnb_4bit_compute_dtype)
+    if _is_built(path):
+        model = load_base_model(str(path), cfg.model, None, dtype, device_map)
+        keep_layout(model)
+        return model, f"loaded from the quantized cache {path}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need, free = quantized_size_gib(cfg.model, source) * 1.1, shutil.disk_usage(path.parent).free / 2**30
+    if need > free:
+        raise ConfigError("quantization.cache", True, f"a cache folder with {need:.1f} GiB free for the quantized "
+                          f"base ({path.parent} has {free:.1f} GiB): free some, move paths.cache_dir, or set "
+                          "quantization.cache=false")
+    model = load_base_model(source, cfg.model, quant, dtype, device_map)
+    keep_layout(model)  # before any forward: the layout saved is the one training differentiates through
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, path)  # a folder another trial finished first stays (os.replace refuses a non-empty one)
+    except OSError as e:
+        if not _is_built(path):  # (another trial of the sweep saving the same base first is no failure)
+            log.warning("the quantized base was not cached (%s): this trial goes on from the one it loaded", e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, f"quantized from {source} and saved to the quantized cache {path}"

@@ -162,7 +162,8 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
         _free_memory()
     start = time.perf_counter()
     m = cfg.model
-    source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths))) if m.random_init else m.name_or_path
+    source = str(random_model_dir(m, cfg.paths.cache_dir, tokenizer_corpus(cfg.paths), cfg.quantization)
+                 ) if m.random_init else m.name_or_path
     tokenizer = load_tokenizer(source, m)
     check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
     model = _load_model(cfg, plan, source)
@@ -175,16 +176,23 @@ def _load_model(cfg: DictConfig, plan: Plan, source: str):
     import torch
     from peft import prepare_model_for_kbit_training
 
-    from qlora_exp.models import load_base_model, torch_dtype
+    from qlora_exp.models import load_base_model, load_quantized_base, quantized_build, torch_dtype
 
     device = plan.device
     compute_dtype = torch_dtype(cfg.quantization.compute_dtype, device.bf16)
     quant = build_quantization_config(cfg.quantization, compute_dtype)
     dtype = torch_dtype(cfg.model.dtype, device.bf16) if quant is None else compute_dtype
     device_map = {"": torch.cuda.current_device()} if device.cuda else None
-    model = load_base_model(source, cfg.model, quant, dtype, device_map)
+    if quant is not None and quantized_build(cfg.model):  # built in 4 bits: its config.json says how (source's own)
+        model, came_from = load_base_model(source, cfg.model, None, dtype, device_map), f"loaded from {source} (built in 4 bits)"
+    elif quant is not None and cfg.quantization.get("cache", False) and cfg.quantization.method in ("nf4", "fp4"):
+        model, came_from = load_quantized_base(cfg, source, quant, dtype, device_map, keep_trainable_layout)
+    else:
+        model, came_from = load_base_model(source, cfg.model, quant, dtype, device_map), f"loaded from {source}"
+    log.info("base %s", came_from)
     model.config.use_cache = False  # also what lets packed batches keep examples apart (qlora_exp.packing)
     keep_trainable_layout(model)
+    model.qlora_exp_came_from = came_from  # the trial's metrics.json says it (base_from)
     if plan.fused:
         apply_fused_kernels(model)
     if quant is not None and cfg.quantization.upcast_frozen:  # the article's: frozen non-quantized weights in fp32

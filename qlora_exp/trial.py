@@ -66,6 +66,7 @@ class TrialResult:
     trial_in_process: int | None = None   # 1: the first trial of its process (cold); 2, 3, ...: on a warm worker
     warm_base: bool | None = None         # the base was already loaded in this process (a sweep worker's)
     base_load_s: float | None = None      # building and loading the base (0 when warm)
+    base_from: str | None = None          # where the base came from: its source, or the quantized cache
     phase_s: dict = field(default_factory=dict)  # seconds in each phase: plan, base, adapter, trainer (its setup)
     memory_at_start_gb: float | None = None  # CUDA memory allocated as the trial began: on a warm worker its base and
                                           # whatever earlier trials left (flat from trial to trial: nothing leaks)
@@ -119,6 +120,7 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         stop.check()
         base = recipe.build_base(cfg, plan, train_rows, eval_rows)
         result.quantized, result.warm_base, result.base_load_s = base.quantized, base.warm, base.load_s
+        result.base_from = getattr(base.model, "qlora_exp_came_from", None)
         mark = _phase(result, "base", mark)
         stop.check()
         model = recipe.attach_adapter(base, cfg, plan)

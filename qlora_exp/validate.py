@@ -84,6 +84,10 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     """Refuse a config that cannot run here; return None when it can."""
     m, q, lora, opt, tr, data = cfg.model, cfg.quantization, cfg.lora, cfg.optimizer, cfg.trainer, cfg.data
     # model
+    _one_of("model.random_build", m.get("random_build", "full"), ("full", "quantized"))
+    if m.get("random_init") and m.get("random_build") == "quantized" and cfg.quantization.method not in ("nf4", "fp4"):
+        raise ConfigError("quantization.method", cfg.quantization.method, "nf4 or fp4 with model.random_build=quantized "
+                          "(a base built in 4 bits), or model.random_build=full")
     if not m.random_init and not m.name_or_path:
         raise ConfigError("model.name_or_path", m.name_or_path, "a hub id or local path, or model.random_init=true")
     _one_of("model.dtype", m.dtype, DTYPES)
@@ -95,6 +99,7 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     _one_of("quantization.method", q.method, QUANT_METHODS)
     _one_of("quantization.compute_dtype", q.compute_dtype, DTYPES)
     _one_of("quantization.upcast_frozen", q.get("upcast_frozen", False), (True, False))
+    _one_of("quantization.cache", q.get("cache", False), (True, False))
     if q.get("quant_storage") is not None:
         _one_of("quantization.quant_storage", q.quant_storage, QUANT_STORAGE)
     # lora

@@ -21,7 +21,7 @@ MISSING_FIELDS = {"prompt": "hi", "answer": "yo"}
 # and a piece of the line that says what is accepted
 CASES = [
     # unknown group option or key
-    ("group_option", ["model=gpt5"], "model", "is not accepted: one of llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
+    ("group_option", ["model=gpt5"], "model", "is not accepted: one of llama3_70b, llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
     ("group_option_swept", ["-m", "quantization=nf4,nf2"], "quantization", "'nf2' is not accepted: one of fp4"),
     ("unknown_key", ["lora.rank=8"], "lora.rank",
      "is not accepted: a key of lora: alpha, bias, dropout, r, target_modules, use_rslora"),

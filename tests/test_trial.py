@@ -186,3 +186,103 @@ def test_a_random_build_the_machine_cannot_hold_is_refused_in_one_line_and_leave
     with pytest.raises(MemoryError):
         models.random_model_dir(tiny.model, tiny.paths.cache_dir, models.tokenizer_corpus(tiny.paths))
     assert not list((tmp_path / "cache" / "models").iterdir())  # no .tmp<pid> left
+
+
+def test_a_trial_from_the_quantized_cache_trains_as_one_from_the_bf16_base(tmp_path, cache_dir):
+    """quantization.cache=true: the first trial quantizes the base and saves it (a bitsandbytes-serialized
+    safetensors checkpoint), the next loads that 4-bit checkpoint; both give the eval loss of a trial that
+    quantizes from the base's own weights (within 1e-4 on the tiny model)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+    from tests.conftest import FAST, compose_cfg
+
+    results = {}
+    cache = cache_dir  # the session's built tiny model, and its quantized cache (this test's alone)
+    shutil.rmtree(cache / "quantized", ignore_errors=True)
+    for name, extra in (("plain", []), ("saves", ["quantization.cache=true"]), ("loads", ["quantization.cache=true"])):
+        recipe.forget_warm()  # each a cold trial, as the first on a new worker
+        cfg = compose_cfg(tmp_path, [*FAST, f"paths.output_dir={tmp_path}/{name}", *extra], cache_dir)
+        results[name] = run_trial(cfg)
+    recipe.forget_warm()
+    plain, saves, loads = results["plain"], results["saves"], results["loads"]
+    assert plain.base_from.startswith("loaded from ") and "quantized cache" not in plain.base_from
+    assert saves.base_from.startswith("quantized from ") and loads.base_from.startswith("loaded from the quantized cache")
+    assert abs(saves.eval_loss - plain.eval_loss) < 1e-4 and abs(loads.eval_loss - plain.eval_loss) < 1e-4, results
+    assert loads.eval_loss < loads.initial_eval_loss and loads.quantized == plain.quantized
+    (folder,) = (cache / "quantized").iterdir()  # one entry: the 4-bit weights and their quantization constants
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        q_proj = next(k for k in keys if k.endswith("q_proj.weight"))
+        assert str(f.get_tensor(q_proj).dtype) == "torch.uint8"
+    assert any(k.endswith("q_proj.weight.absmax") for k in keys) and any("nf4" in k for k in keys), keys[:20]
+    assert not list((cache / "quantized").glob("*.tmp*"))
+
+
+def test_a_quantized_cache_without_the_disk_for_it_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from qlora_exp import models
+    from qlora_exp.errors import ConfigError
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["model=llama3_8b", "model.random_init=true", "quantization.cache=true"])
+    assert 5.0 < models.quantized_size_gib(cfg.model, "") < 6.0  # the 8B in NF4, its embeddings and head in bf16
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 98 * 2**30, 2 * 2**30))
+    loaded = []
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ConfigError) as e:
+        models.load_quantized_base(cfg, str(tmp_path / "llama3_8b"), _nf4(), None, None, lambda m: None)
+    assert "quantization.cache" in str(e.value) and "5.9 GiB free" in str(e.value) and "has 2.0 GiB" in str(e.value)
+    assert loaded == []
+
+
+def _nf4():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def test_a_random_base_built_straight_into_4_bits_trains(tmp_path, monkeypatch):
+    """model.random_build=quantized: each weight drawn and quantized before the next (the model never whole in
+    bf16 or fp32), saved as the checkpoint save_pretrained writes for a bitsandbytes 4-bit model; a trial loads it
+    as it is and trains (loss falls). A shape the machine cannot build so is refused with what it needs."""
+    import json
+
+    from safetensors import safe_open
+
+    from qlora_exp import models, recipe
+    from qlora_exp.errors import ConfigError
+    from qlora_exp.trial import run_trial
+    from tests.conftest import FAST, compose_cfg
+
+    recipe.forget_warm()
+    cfg = compose_cfg(tmp_path, [*FAST, "model.random_build=quantized"])
+    result = run_trial(cfg)
+    recipe.forget_warm()
+    assert result.status == "complete" and result.eval_loss < result.initial_eval_loss - 0.1, result
+    assert result.base_from.endswith("(built in 4 bits)") and result.quantized["quant_type"] == "nf4", result.quantized
+    (built,) = (tmp_path / "cache" / "models").iterdir()  # only the 4-bit build: no full-precision one beside it
+    assert built.name.startswith("tiny-nf4-")
+    assert json.loads((built / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    with safe_open(built / "model.safetensors", "pt") as f:
+        assert str(f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype) == "torch.uint8"
+        assert "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in set(f.keys())
+    # the 8B shape on this machine: a 4-bit build needs a shard and its largest weight in memory, not the model
+    big = compose_cfg(tmp_path, ["model=llama3_8b", "model.random_init=true", "model.random_build=quantized"])
+    billions, need = models.build_needs_gib(big.model, cuda=False, quantized=True)
+    assert billions > 8.0 and need < 8.0 < models.build_needs_gib(big.model, cuda=False)[1] / 3
+    monkeypatch.setattr(models, "available_gib", lambda cuda: 4.0)
+    with pytest.raises(ConfigError) as e:
+        models.check_build_fits(big.model, tmp_path / "big", quantized=True)
+    assert "straight into 4 bits" in str(e.value) and "there is 4.0 GiB" in str(e.value)
+    # another quantization than the build's is refused before anything is built
+    from qlora_exp.validate import check_config
+
+    with pytest.raises(ConfigError, match="quantization.method"):
+        check_config(compose_cfg(tmp_path, ["model.random_build=quantized", "quantization=int8"]), None)

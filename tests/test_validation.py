@@ -95,7 +95,7 @@ def test_jsonl_both_row_forms_and_held_out_split(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["model=gpt5"], "model='gpt5' is not accepted: one of llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
+    (["model=gpt5"], "model='gpt5' is not accepted: one of llama3_70b, llama3_8b, mistral_7b, qwen2_5_7b, tiny"),
     (["-m", "quantization=nf4,nf2"], "quantization='nf2' is not accepted"),
     (["lora.r=0"], "lora.r=0 is not accepted: an integer >= 1"),
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not accepted"),
