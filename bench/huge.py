@@ -85,12 +85,12 @@ def main():
         (a.out / "huge.json").write_text(json.dumps(results, indent=1))
 
     if "70b" in a.only:
-        results["70b"] = trial("70b", [f"model={a.big}", "model.random_init=true", "model.random_build=quantized",
+        results["70b"] = trial(f"70b_{a.budget:g}gib", [f"model={a.big}", "model.random_init=true", "model.random_build=quantized",
                                        f"trainer.memory_budget_gb={a.budget}"], a, common)
         built = next((cache / "models").glob(f"{a.big}-nf4-*"), None)
         results["70b"]["disk_gib"] = round(du_gib(built), 2) if built else None
         save()
-        if built:
+        if built and "8b" in a.only:
             shutil.rmtree(built)  # the 8B part needs the disk
     if "8b" in a.only:
         eight = [f"model={a.small}", "model.random_init=true", "model.random_build=full"]

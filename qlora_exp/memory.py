@@ -15,13 +15,14 @@ The estimate (peak allocated bytes), from the model's `shape`, for a micro-batch
 micro-batch x max_length) with n of the L decoder layers checkpointed:
   fixed        linear weights x bytes per param (NF4/FP4 + double quant 0.52, int8 1.0, none 2.0)
                + embeddings, LM head, norms (fp32 with quantization.upcast_frozen, else the compute dtype, 2)
-               + LoRA parameters x 16 (fp32 weight, gradient, two Adam moments)
+               + LoRA parameters x 16 (fp32 weight, gradient, two Adam moments), x 8 with a paged optimizer
+                 (its moments live in CUDA managed memory, outside the allocator)
   activations  t x [ (L - n) x A  +  n x residual x hidden  +  (A if n else 0) ]
                A = ACT_H x hidden + ACT_I x intermediate: what one layer keeps for backward, per token
                residual: 2 or 4 bytes (the layer input a checkpointed layer keeps); the last term: the one
                layer being recomputed
   head         t x HEAD_PER_TOKEN (trl's fused LM head works in tiles: no (t x vocab) logits)
-times SAFETY. Measured on one H200 (Llama-3-8B shape, 8 examples per micro-batch of the recipe's rows, Liger,
+(the activations and head times SAFETY; the weights are counted exactly). Measured on one H200 (Llama-3-8B shape, 8 examples per micro-batch of the recipe's rows, Liger,
 no upcast: docs/benchmarks.md): every layer checkpointed 9.22 GiB, none 54.16, 16 of 32 31.07: linear,
 1.40 GiB per layer not checkpointed at about 6,500 tokens (226 KB per token and layer). The constants below
 are 10 % above that; the upcast ones come from the same runs with fp32 frozen weights.
@@ -72,11 +73,14 @@ def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused
     frozen_bytes = 4 if upcast else 2
     fixed = layers * sum(a * b for a, b in params.values()) * WEIGHT_BYTES.get(method, 2.0)
     fixed += shape.vocab_size * h * (1 if tied else 2) * frozen_bytes + layers * 2 * h * frozen_bytes
-    fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in resolve_target_modules(cfg)) * 16
+    # LoRA: fp32 weight and gradient, and the two Adam moments unless a paged optimizer keeps them in CUDA managed
+    # memory (outside the allocator the budget caps and max_memory_allocated counts)
+    per_lora = 8 if str(cfg.optimizer.get("name", "")).startswith("paged") else 16
+    fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in resolve_target_modules(cfg)) * per_lora
     t = micro_batch_size * cfg.trainer.max_length
     per_layer = h * (ACT_H_UPCAST if upcast else ACT_H) + i * (LIGER_ACT_I if fused else ACT_I)
     act = (layers - checkpointed) * per_layer + checkpointed * frozen_bytes * h + (per_layer if checkpointed else 0)
-    return (fixed + t * (act + HEAD_PER_TOKEN)) * SAFETY / 2**30
+    return (fixed + t * (act + HEAD_PER_TOKEN) * SAFETY) / 2**30  # the margin on what varies: the weights are exact
 
 
 def step_cost(tokens_per_step: int, micro_tokens: int, checkpointed: int, layers: int) -> float:

@@ -23,6 +23,21 @@ def test_estimate_covers_what_the_h200_measured(make_cfg):
         assert measured <= est <= measured * 1.25, (layers, est, measured)
 
 
+# the same on the Llama-3-70B shape (docs/benchmarks.md, 2026-12-03): the recipe's rows up to 1024 tokens, paged
+# AdamW, by (micro-batch, decoder layers checkpointed)
+MEASURED_70B = {(1, 77): 40.54, (2, 77): 43.16, (2, 79): 41.51}
+
+
+def test_estimate_is_within_ten_percent_of_the_70b_peaks(make_cfg):
+    cfg = make_cfg("model=llama3_70b", "trainer=article", "optimizer=paged_adamw_32bit")
+    for (micro, layers), measured in MEASURED_70B.items():
+        est = estimate_gb(cfg, micro, layers, fused=True)
+        assert measured <= est <= measured * 1.10, (micro, layers, est, measured)
+    plan = plan_memory(make_cfg("model=llama3_70b", "model.random_init=true", "trainer=article",
+                                "trainer.memory_budget_gb=46"), H200, fused=True)
+    assert (plan.micro_batch_size, plan.checkpointed_layers) == (2, 77) and plan.estimate_gb <= 46
+
+
 @pytest.mark.parametrize("budget", [12, 24, 40, 80])
 def test_plan_fits_the_budget_and_keeps_the_examples_per_step(make_cfg, budget):
     cfg = make_cfg(*ARTICLE_8B, f"trainer.memory_budget_gb={budget}")
