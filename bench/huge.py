@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--big", default="llama3_70b", help="the model config of the huge trial (tiny: a CPU smoke run)")
     ap.add_argument("--small", default="llama3_8b", help="the model config of the cache comparison")
     ap.add_argument("--shape", default="llama3-8b", help="the recipe's shape whose vocabulary the rows use")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before each 8B load after the first (root): loads from a cold disk")
     ap.add_argument("--set", action="append", default=[], help="an extra override for every run (trainer.precision=auto)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,9 @@ def main():
         # the first builds the bf16 model too (its time is not a load's); the next two load what is on disk
         for name, extra in (("8b_cache_first", ["quantization.cache=true"]), ("8b_from_bf16", []),
                             ("8b_from_cache", ["quantization.cache=true"])):
+            if a.drop_caches and name != "8b_cache_first":
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+                name += "_cold"
             results[name] = trial(name, [*eight, *extra], a, common)
             save()
         full = next((p for p in (cache / "models").glob(f"{a.small}-*") if "-nf4-" not in p.name), None)
