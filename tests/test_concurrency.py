@@ -61,18 +61,24 @@ def _asker(url: str, target: int, slow_count: bool) -> None:
         study.tell(trial, 1.0)
 
 
-@pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_askers_checking_the_count_at_the_same_moment_never_ask_past_n_trials(tmp_path, storage):
+def run_askers(url: str, n: int = 4, target: int = 10) -> list[int]:
+    """`n` askers (_asker, the count slowed) on a new study "shared" at `url`, each in its own process: their exit
+    codes, once all have ended."""
     import multiprocessing
 
-    url = (f"journal:///{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/study.db")
     optuna.create_study(study_name="shared", storage=build_storage(url))
-    procs = [multiprocessing.get_context("fork").Process(target=_asker, args=(url, 10, True)) for _ in range(4)]
+    procs = [multiprocessing.get_context("fork").Process(target=_asker, args=(url, target, True)) for _ in range(n)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
-    assert [p.exitcode for p in procs] == [0] * 4
+    return [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_askers_checking_the_count_at_the_same_moment_never_ask_past_n_trials(tmp_path, storage):
+    url = (f"journal:///{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/study.db")
+    assert run_askers(url) == [0] * 4
     trials = optuna.load_study(study_name="shared", storage=build_storage(url)).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 10
 

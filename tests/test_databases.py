@@ -188,17 +188,9 @@ def test_four_drivers_share_one_study_on_a_new_database(tmp_path, database):
 
 def test_askers_checking_the_count_at_the_same_moment_never_ask_past_n_trials(database):
     """The server's own named lock (PostgreSQL's advisory lock, MySQL's GET_LOCK) makes the count and the ask one step."""
-    import multiprocessing
+    from tests.test_concurrency import run_askers
 
-    from tests.test_concurrency import _asker
-
-    optuna.create_study(study_name="shared", storage=build_storage(database))
-    procs = [multiprocessing.get_context("fork").Process(target=_asker, args=(database, 10, True)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * 4
+    assert run_askers(database) == [0] * 4
     assert [t.state for t in load(database, "shared").get_trials()] == [TrialState.COMPLETE] * 10
 
 
