@@ -116,6 +116,7 @@ class _Warm:
     base: Base | None = None
     rows: dict = field(default_factory=dict)      # data_key -> (train rows, eval rows)
     tokenized: dict = field(default_factory=dict)  # data_key + tokenizer -> (train dataset, eval dataset)
+    initial_eval: dict = field(default_factory=dict)  # the base's held-out metrics (reuse_initial_eval's key)
     trials: int = 0
 
 
@@ -124,7 +125,7 @@ WARM = _Warm()
 
 def forget_warm() -> None:
     """Let the kept base and rows go (after a trial that failed, or ran out of memory): the next trial starts clean."""
-    WARM.base, WARM.rows, WARM.tokenized = None, {}, {}
+    WARM.base, WARM.rows, WARM.tokenized, WARM.initial_eval = None, {}, {}, {}
     _free_memory()
 
 
@@ -158,7 +159,7 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
         return WARM.base
     if WARM.base is not None:
         log.info("this trial's base differs from the one loaded here: loading it again")
-        WARM.base, WARM.tokenized = None, {}
+        WARM.base, WARM.tokenized, WARM.initial_eval = None, {}, {}
         _free_memory()
     start = time.perf_counter()
     m = cfg.model
@@ -290,6 +291,7 @@ class Run:
     train_rows: int
     train_positions: int
     resumed_from_step: int | None
+    initial_eval_reused: bool = False
 
 
 def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, train_rows, eval_rows) -> Run:
@@ -347,6 +349,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
             counts["positions"] += int(ids.numel())
 
     fed = trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    reused = reuse_initial_eval(trainer, plan, cfg)
     last = _last_checkpoint(out / "checkpoints")
     setup_s = round(time.perf_counter() - setup, 3)
     try:
@@ -361,7 +364,39 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         if ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()
     return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
-               int(last.rsplit("-", 1)[-1]) if last else None)
+               int(last.rsplit("-", 1)[-1]) if last else None, bool(reused))
+
+
+def reuse_initial_eval(trainer, plan: Plan, cfg: DictConfig) -> dict:
+    """The evaluation at step 0, measured once per base: fresh LoRA adapters add exactly zero (lora_B starts at
+    zero), so before the first step every trial on this base, rows and evaluation batches gets the base's own
+    held-out loss, bit for bit. The first trial measures it; a later trial on a warm worker logs and reports the
+    same metrics (to its callbacks, TensorBoard and the pruner) without its forward passes. The returned dict is
+    non-empty once this trial reused them."""
+    key = _key({"base": plan.base_key, "data": plan.data_key, "micro": plan.micro_batch_size, "packing": plan.packing,
+                "max_length": cfg.trainer.max_length})
+    evaluate, reused = trainer.evaluate, {}
+
+    def at_step_0_once(*args, **kwargs):
+        if trainer.state.global_step != 0 or args or kwargs.get("eval_dataset") is not None:
+            return evaluate(*args, **kwargs)
+        if key not in WARM.initial_eval:
+            metrics = evaluate(*args, **kwargs)
+            WARM.initial_eval = {key: dict(metrics)}
+            return metrics
+        metrics = dict(WARM.initial_eval[key])
+        reused.update(metrics)
+        # what the evaluation draws from the RNGs besides its forward passes: its data loader's iterator takes a
+        # seed from torch's generator when it starts (so the trial's dropout masks after it are the cold run's)
+        batches = iter(trainer.get_eval_dataloader())
+        next(batches, None)
+        del batches
+        trainer.log(metrics)  # what Trainer.evaluate does with its metrics
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+        return metrics
+
+    trainer.evaluate = at_step_0_once
+    return reused
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -411,6 +446,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
     result.steps = state.global_step
     result.train_rows, result.train_positions = run.train_rows, run.train_positions
     result.resumed_from_step = run.resumed_from_step
+    result.initial_eval_reused = run.initial_eval_reused
     gb, kind = peak_memory_gb()
     result.peak_memory_gb, result.peak_memory_kind = round(gb, 3), kind
     if plan.device.cuda:

@@ -55,6 +55,7 @@ class TrialResult:
     eval_history: list = field(default_factory=list)   # [[step, eval_loss], ...]
     loss_history: list = field(default_factory=list)   # [[step, train loss], ...] every trainer.log_every steps
     resumed_from_step: int | None = None  # set when the trial resumed from a checkpoint (after preemption)
+    initial_eval_reused: bool = False     # its step-0 evaluation was the base's, measured by an earlier trial here
     cuda_visible_devices: str | None = None  # the GPUs this trial's process was given
     cpu_threads: int | None = None        # torch's intra-op threads (OMP_NUM_THREADS; a SLURM trial: its cpus_per_task)
     slurm_job_id: str | None = None

@@ -43,12 +43,15 @@ def check_sweep(hydra_context, config, fixed: list[str], extra: list[str], point
     from hydra.utils import get_method
     from omegaconf.errors import OmegaConfBaseException
 
+    from sweeper.compose import composer
+
     checker = get_method(check) if check else None
+    compose = composer(hydra_context.config_loader, config)
     seen: set[str] = set()
     for point in points:
         overrides = [f"{k}={hydra_value(v)}" for k, v in point.items()]
         try:
-            cfg = hydra_context.config_loader.load_sweep_config(config, [*fixed, *overrides, *extra])
+            cfg = compose([*fixed, *overrides, *extra])
             if checker is not None:
                 checker(cfg)
         except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:

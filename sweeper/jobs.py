@@ -16,6 +16,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, run_job, setup_globals
 from omegaconf import DictConfig, open_dict
 
+from sweeper.compose import composer
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class TrialJob:
             die_with_parent()
         Singleton.set_state(singleton_state)
         setup_globals()
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        cfg = composer(self.hydra_context.config_loader, self.config)(list(overrides))
         with open_dict(cfg.hydra.job):
             cfg.hydra.job.id = job_id
             cfg.hydra.job.num = job_num

@@ -27,12 +27,18 @@ def test_a_trial_run_third_on_a_warm_worker_matches_it_run_cold(tmp_path, cache_
     for i, extra in enumerate([[], ["lora.r=32", "optimizer.lr=3e-3"], []]):
         cfg = compose_cfg(tmp_path, [*FAST, "trainer.save_adapter=true", f"paths.output_dir={tmp_path}/t{i}", *extra],
                           cache_dir)
+        if i == 1:  # this one evaluates at step 0 itself, on the warm base with its own (r=32) fresh adapters
+            recipe.WARM.initial_eval = {}
         results.append(run_trial(cfg))
     cold, other, warm = results
     assert [r.warm_base for r in results] == [False, True, True]
     assert warm.base_load_s == 0 and cold.base_load_s > 0
     assert abs(cold.eval_loss - warm.eval_loss) < 1e-4, (cold.eval_loss, warm.eval_loss)
-    assert abs(cold.initial_eval_loss - other.initial_eval_loss) < 1e-6  # the base untouched by the trial before
+    # the base untouched by the trial before, and fresh adapters of another rank add exactly nothing at step 0:
+    # what lets a warm trial reuse the base's step-0 evaluation (the third trial did, with the same metrics)
+    assert [r.initial_eval_reused for r in results] == [False, False, True]
+    assert cold.initial_eval_loss == other.initial_eval_loss == warm.initial_eval_loss
+    assert warm.eval_history[0] == [0, cold.initial_eval_loss] and len(warm.eval_history) == len(cold.eval_history)
     assert other.trainable_params == 2 * cold.trainable_params  # r=32 against the default 16: fresh adapters
     assert cold.eval_loss < cold.initial_eval_loss
     assert (tmp_path / "t2" / "adapter" / "adapter_model.safetensors").exists()
