@@ -75,7 +75,9 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
                        "peak_memory_gb": m.get("peak_memory_gb"), "eval_loss": m.get("eval_loss"),
                        "worker": t.user_attrs.get("worker_job"),
                        "launch_s": m["started_at"] - asked, "phase_s": m.get("phase_s"),
-                       "told_after_s": t.datetime_complete.timestamp() - (m["started_at"] + m["wall_time_s"])})
+                       "told_after_s": t.datetime_complete.timestamp() - (m["started_at"] + m["wall_time_s"]),
+                       "initial_eval_reused": m.get("initial_eval_reused"), "asked_at_s": asked - start,
+                       "told_at_s": t.datetime_complete.timestamp() - start})
     loop = sum(t["train_loop_s"] for t in trials)
     steps = sum(t["train_time_s"] for t in trials)
     cold = [t["startup_s"] for t in trials if t["cold"]]
@@ -88,7 +90,10 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
             "startup_cold_s": round(statistics.median(cold), 2) if cold else None,
             "startup_warm_s": round(statistics.median(warm), 2) if warm else None,
             "first_step_warm_s": round(statistics.median([t["first_step_s"] for t in trials if not t["cold"]]), 2)
-            if warm else None, "per_trial": trials}
+            if warm else None,
+            # the driver's own time: from the command's start to the first trial given out, and after the last tell
+            "first_ask_s": round(min(t["asked_at_s"] for t in trials), 2),
+            "after_last_tell_s": round(wall - max(t["told_at_s"] for t in trials), 2), "per_trial": trials}
 
 
 BREAKDOWN = r'''
