@@ -358,6 +358,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         if stop_reason is None and (not metrics.eval_history or metrics.eval_history[-1][0] != trainer.state.global_step):
             trainer.evaluate()
     finally:
+        trainer.__dict__.pop("evaluate", None)  # the wrapper's closure holds the trainer: no cycle outlives the trial
         tb.close()
         fed.remove()
         ckpt = out / "checkpoints"  # the Trainer's output_dir: made even when no checkpoint is saved

@@ -219,3 +219,28 @@ def test_a_trial_at_safe_points_is_only_asked_to_stop_by_the_first_signal_and_cu
         assert "Ctrl-C again: still stopping" in capfd.readouterr().err
     finally:
         stop.STATE.update(running=False, interrupted=False, safe_points=False)
+
+
+def test_nothing_of_a_trial_outlives_it_without_the_garbage_collector(tmp_path, cache_dir):
+    """A warm worker's next trial starts with only the base allocated (flat GPU memory over a sweep) only if the
+    trial's trainer, optimizer and adapters are freed when the trial returns, by reference counting: a reference
+    cycle through the trainer (one once came from wrapping its `evaluate`) keeps them until a later collection,
+    so the next trial begins with the last one's tensors still allocated."""
+    import gc
+
+    from transformers import Trainer
+
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+
+    recipe.forget_warm()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(2):  # cold, then warm (the step-0 evaluation reused)
+            run_trial(compose_cfg(tmp_path, [*FAST, f"paths.output_dir={tmp_path}/t{i}"], cache_dir))
+            alive = [o for o in gc.get_objects() if isinstance(o, Trainer)]
+            assert not alive, f"trial {i}: {len(alive)} trainer(s) left for the garbage collector"
+    finally:
+        gc.enable()
+        recipe.forget_warm()
