@@ -126,7 +126,17 @@ WARM = _Warm()
 def forget_warm() -> None:
     """Let the kept base and rows go (after a trial that failed, or ran out of memory): the next trial starts clean."""
     WARM.base, WARM.rows, WARM.tokenized, WARM.initial_eval = None, {}, {}, {}
+    gc.unfreeze()  # what keep_out_of_collections froze is collectable again
     _free_memory()
+
+
+def keep_out_of_collections() -> None:
+    """After a base is loaded: every object the process holds now (the libraries' modules, the base model, the rows)
+    lives as long as the worker, so the garbage collector stops scanning them (`gc.freeze`). A full collection, which
+    each trial's end and accelerate's set-up of each trainer run, then looks only at what trials made since:
+    0.23 s each on the tiny model on 2 cores before, a few ms after."""
+    gc.collect()
+    gc.freeze()
 
 
 def _free_memory() -> None:
@@ -160,6 +170,7 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
     if WARM.base is not None:
         log.info("this trial's base differs from the one loaded here: loading it again")
         WARM.base, WARM.tokenized, WARM.initial_eval = None, {}, {}
+        gc.unfreeze()
         _free_memory()
     start = time.perf_counter()
     m = cfg.model
@@ -170,6 +181,7 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
     model = _load_model(cfg, plan, source)
     WARM.base = Base(plan.base_key, model, tokenizer, source, quantized_layers(model),
                      round(time.perf_counter() - start, 2))
+    keep_out_of_collections()
     return WARM.base
 
 

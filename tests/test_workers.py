@@ -244,3 +244,23 @@ def test_nothing_of_a_trial_outlives_it_without_the_garbage_collector(tmp_path, 
     finally:
         gc.enable()
         recipe.forget_warm()
+
+
+def test_a_base_let_go_is_freed_though_the_collector_skipped_it(tmp_path, cache_dir):
+    """A worker stops the garbage collector scanning what lives as long as it (recipe.keep_out_of_collections, after a
+    base is loaded): the base it lets go (another base, a failed trial) must still be freed, not kept frozen."""
+    import gc
+    import weakref
+
+    from qlora_exp import recipe
+    from qlora_exp.trial import run_trial
+
+    recipe.forget_warm()
+    run_trial(compose_cfg(tmp_path, [*FAST, f"paths.output_dir={tmp_path}/a"], cache_dir))
+    assert gc.get_freeze_count() > 0
+    first = weakref.ref(recipe.WARM.base.model)
+    run_trial(compose_cfg(tmp_path, [*FAST, "quantization=none", f"paths.output_dir={tmp_path}/b"], cache_dir))
+    assert first() is None, "the first base outlived the switch to another"
+    second = weakref.ref(recipe.WARM.base.model)
+    recipe.forget_warm()
+    assert second() is None and gc.get_freeze_count() == 0
