@@ -3,7 +3,9 @@
 A model with `random_init: true` is built from its `shape` with a fixed seed and saved (safetensors)
 under `paths.cache_dir`, with a byte-level BPE tokenizer trained on the shipped tiny_instruct rows,
 so every later trial loads it through the same `from_pretrained` + `BitsAndBytesConfig` path a hub
-model takes. Nothing here downloads unless `name_or_path` names a hub model.
+model takes; with a `pretrain:` block as well (model=tiny_pretrained), those random weights are then
+pretrained here on the Python standard library's docstrings and comments (qlora_exp.pretrain).
+Nothing here downloads unless `name_or_path` names a hub model.
 """
 import hashlib
 import json
@@ -36,8 +38,9 @@ def torch_dtype(name: str, cuda_bf16: bool):
     return getattr(torch, name)
 
 
-def build_tokenizer(path: Path, corpus_file: Path, vocab_size: int):
-    """Train a byte-level BPE on `corpus_file`'s text and save it with a chat template."""
+def build_tokenizer(path: Path, corpus_file: Path, vocab_size: int, extra_texts=()):
+    """Train a byte-level BPE on `corpus_file`'s text (and `extra_texts`, a pretraining corpus) and save it with a
+    chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,6 +48,7 @@ def build_tokenizer(path: Path, corpus_file: Path, vocab_size: int):
         with open(corpus_file) as f:
             for line in f:
                 yield " ".join(str(v) for v in _strings(json.loads(line)))
+        yield from extra_texts
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,6 +86,10 @@ def random_model_path(model_cfg: DictConfig, cache_dir: str, corpus_file: Path, 
     shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
     key = [model_cfg.architecture, shape, model_cfg.seed, corpus_file.name]
     name = model_cfg.name
+    if model_cfg.get("pretrain"):  # pretrained here: also its settings and the corpus's sha1
+        from qlora_exp.pretrain import pretrain_key
+
+        key += pretrain_key(model_cfg, cache_dir, corpus_file)
     if quantized_build(model_cfg) and quantization is not None:  # (None: only its tokenizer is asked for)
         q = quantization
         key += [q.method, q.double_quant, q.quant_storage]
@@ -100,12 +108,17 @@ def _is_built(path: Path) -> bool:
 
 def random_model_dir(model_cfg: DictConfig, cache_dir: str, corpus_file: Path, quantization=None) -> Path:
     """Build (once) and return the folder of a random-weight model of `model_cfg.shape` (`model.random_build:
-    quantized`: straight into its 4-bit form, qlora_exp.quantized_build)."""
+    quantized`: straight into its 4-bit form, qlora_exp.quantized_build; a `model.pretrain` block: then pretrained
+    on the stdlib's text, qlora_exp.pretrain)."""
     shape = OmegaConf.to_container(model_cfg.shape, resolve=True)
     path = random_model_path(model_cfg, cache_dir, corpus_file, quantization)
     if _is_built(path):
         return path
     check_build_fits(model_cfg, path.parent, quantized=quantized_build(model_cfg))
+    if model_cfg.get("pretrain"):
+        from qlora_exp.pretrain import build_pretrained
+
+        return build_pretrained(model_cfg, path, cache_dir, corpus_file)
     log.info("building random-weight %s model (seed %d%s) in %s", model_cfg.name, model_cfg.seed,
              f", straight into {quantization.method}" if quantized_build(model_cfg) else "", path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -238,6 +251,10 @@ def tokenizer_for_checks(model_cfg: DictConfig, cache_dir: str, corpus_file: Pat
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
+            if model_cfg.get("pretrain"):
+                from qlora_exp.pretrain import build_pretrain_tokenizer
+
+                return build_pretrain_tokenizer(model_cfg, Path(tmp), cache_dir, corpus_file)
             return build_tokenizer(Path(tmp), corpus_file, min(int(model_cfg.shape.vocab_size), 512))
     return load_tokenizer(str(model_cfg.name_or_path), model_cfg, local_files_only=True)
 

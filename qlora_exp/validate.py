@@ -95,6 +95,8 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
         raise ConfigError("model.trust_remote_code", m.trust_remote_code, "true or false")
     if not m.random_init:
         check_model_source(m)
+    if m.get("pretrain") is not None:
+        check_pretrain(m)
     # quantization
     _one_of("quantization.method", q.method, QUANT_METHODS)
     _one_of("quantization.compute_dtype", q.compute_dtype, DTYPES)
@@ -178,6 +180,39 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     if data.eval_path is None and data.source == "jsonl":
         _number("data.eval_fraction", data.eval_fraction, low=0, low_open=True, high=1, high_open=True)
     _one_of("objective", cfg.objective, OBJECTIVES)
+
+
+def check_pretrain(m: DictConfig) -> None:
+    """`model.pretrain` (a base pretrained here, qlora_exp.pretrain): null, or every setting in its range."""
+    from qlora_exp.pretrain import CORPORA, TOKENIZERS
+
+    p = m.pretrain
+    if not isinstance(p, DictConfig):
+        raise ConfigError("model.pretrain", p, "null (random weights) or a block of pretraining settings "
+                          "(conf/model/tiny_pretrained.yaml)")
+    if not m.random_init:
+        raise ConfigError("model.random_init", m.random_init, "true with model.pretrain set (a base built and "
+                          "pretrained here), or model.pretrain=null for a model loaded from model.name_or_path")
+    if m.get("random_build", "full") != "full":
+        raise ConfigError("model.random_build", m.random_build, "full with model.pretrain set (it trains the fp32 "
+                          "weights it builds)")
+    known = ("corpus", "instruct_repeat", "tokenizer", "max_chars", "heldout_every", "seq_len", "batch_size", "steps",
+             "lr", "warmup", "weight_decay", "max_grad_norm")
+    for key in p:
+        if key not in known:
+            raise ConfigError(f"model.pretrain.{key}", p[key], f"a key of model.pretrain: {', '.join(known)}")
+    _one_of("model.pretrain.corpus", p.get("corpus"), CORPORA)
+    _number("model.pretrain.instruct_repeat", p.get("instruct_repeat", 1), low=1, integer=True)
+    _one_of("model.pretrain.tokenizer", p.get("tokenizer", "shipped"), TOKENIZERS)
+    _number("model.pretrain.max_chars", p.get("max_chars"), low=1000, integer=True)
+    _number("model.pretrain.heldout_every", p.get("heldout_every"), low=2, integer=True)
+    _number("model.pretrain.seq_len", p.get("seq_len"), low=8, high=m.shape.max_position_embeddings, integer=True)
+    _number("model.pretrain.batch_size", p.get("batch_size"), low=1, integer=True)
+    _number("model.pretrain.steps", p.get("steps"), low=1, integer=True)
+    _number("model.pretrain.lr", p.get("lr"), low=0, low_open=True)
+    _number("model.pretrain.warmup", p.get("warmup"), low=0, integer=True)
+    _number("model.pretrain.weight_decay", p.get("weight_decay"), low=0)
+    _number("model.pretrain.max_grad_norm", p.get("max_grad_norm"), low=0, low_open=True)
 
 
 def _check_scheduler(opt: DictConfig, max_steps) -> None:
