@@ -118,6 +118,7 @@ class Loop:
         self.progress = ProgressLines()  # a line per running trial at each of its evaluations (sweeper.progress)
         self._view: LiveView | None = None
         self.reasons: dict[str, tuple[float, str]] = {}  # a pending SLURM job's reason, asked for every 30 s
+        self.timeout_said = False  # hydra.sweeper.timeout's line, said once
 
     @property
     def view(self) -> LiveView:
@@ -222,6 +223,13 @@ class Loop:
     # ---- one trial ------------------------------------------------------------------------------------------
     def launch(self, slot: int) -> Running | None:
         s, study = self.s, self.s.study
+        if timed_out(s):
+            if not self.timeout_said:
+                self.timeout_said = True
+                log.info("hydra.sweeper.timeout=%gs has passed: no more trials start (%d of %d finished)%s",
+                         s.settings.timeout, count_finished(study), s.target,
+                         f"; waiting for the {len(self.running)} running" if self.running else "")
+            return None
         with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize": the
             warnings.filterwarnings("ignore", message="Heartbeat")  # loop records the heartbeats itself
             warnings.filterwarnings("ignore", message="`GridSampler` is re-evaluating")  # taken care of below
@@ -489,6 +497,12 @@ class Loop:
                 fail(study, r.trial._trial_id, r.trial.number, "sweep interrupted (Ctrl-C or SIGTERM) while it ran",
                      interrupted=True)
         self.running.clear()
+
+
+def timed_out(s) -> bool:
+    """The sweep's `timeout` (Optuna's study.optimize(timeout=...)) has passed: no trial starts now."""
+    deadline = getattr(s, "deadline", None)
+    return deadline is not None and time.time() >= deadline
 
 
 def ask_next(study, target: int, distributions: dict):

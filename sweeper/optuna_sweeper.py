@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Sweep:
     job: TrialJob
     driver: str
     slots_per_gpu: int
+    deadline: float | None = None   # hydra.sweeper.timeout: no trial starts after this time.time()
 
 
 class OptunaSweeperImpl:
@@ -70,6 +72,7 @@ class OptunaSweeperImpl:
 
     def sweep(self, arguments: list[str]) -> None:
         st, config, s = self.settings, self.config, Sweep()
+        s.deadline = time.time() + st.timeout if st.timeout is not None else None  # Optuna's: from the command's start
         s.settings, s.config, s.job = st, config, self.job
         launcher = config.hydra.get("launcher") or {}
         user_storage = any(o.split("=", 1)[0] == "hydra.sweeper.storage" for o in config.hydra.overrides.hydra)

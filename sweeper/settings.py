@@ -28,6 +28,7 @@ class Settings:
     storage: str | None = None
     study_dir: str = "outputs/multirun"
     n_trials: int | None = None
+    timeout: float | None = None
     n_jobs: int = 1
     mode: str = "workers"
     wait_for_workers: bool = True
@@ -78,6 +79,9 @@ class Settings:
                                        "memory estimate and the GPU's memory) or null (n_jobs spread over the GPUs)")
         if s.n_trials is not None:
             s.n_trials = _integer("n_trials", s.n_trials, 1, "an integer >= 1, or null (the grid's size or 20)")
+        if s.timeout is not None and (isinstance(s.timeout, bool) or not isinstance(s.timeout, (int, float))
+                                      or not 0 < s.timeout < float("inf")):
+            raise SweeperConfigError("timeout", s.timeout, "a number of seconds > 0, or null (no time limit)")
         try:
             s.max_failure_rate = float(s.max_failure_rate)
         except (TypeError, ValueError):

@@ -157,6 +157,7 @@ class WorkerSpec:
     command: str
     kind: str                       # local | slurm: where the worker itself runs
     first_seed: str | None          # the driver's sampler seed key: worker 0 keeps it, the others get their own
+    deadline: float | None = None   # hydra.sweeper.timeout, as the driver's clock time: no trial starts after it
 
 
 class WorkerJob:
@@ -232,7 +233,7 @@ class WorkerJob:
         seed_key = sp.first_seed if index == 0 else s.driver
         s.study.sampler = build_sampler(st.sampler, sp.grid, sp.multi, sp.study_name, driver=seed_key)[1]
         s.executor = InProcessExecutor(sp.folder / ".workers", s.driver, s.study, st.heartbeat_s)
-        s.kind, s.gpus = "worker", []
+        s.kind, s.gpus, s.deadline = "worker", [], sp.deadline
         return s
 
 
@@ -290,7 +291,7 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
     from hydra.core.singleton import Singleton
     from optuna.trial import TrialState
 
-    from sweeper.loop import Interrupts, Loop, SweepStopped
+    from sweeper.loop import Interrupts, Loop, SweepStopped, timed_out
     from sweeper.policy import count_finished
     from sweeper.results import write_results
 
@@ -299,7 +300,7 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
 
     spec = WorkerSpec(dataclasses.replace(st, storage=hide_password(st.storage)), s.config, s.job, s.study_name, s.folder, s.distributions, s.fixed, s.target, grid, multi,
                       s.pruning, s.pruner_spec, s.trial_storage, s.trial_overrides, s.run_name_key, s.command, s.kind,
-                      first_seed)
+                      first_seed, s.deadline)
     if s.kind == "local" and min(st.n_jobs, s.target) == 1 and st.wait_for_workers:
         # one local worker: the driver is it (its imports and checks are the trial's too; no second process)
         if s.target - count_finished(study) <= 0 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -320,7 +321,7 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
             loop.take_over_stale()
             if not jobs:
                 left = s.target - count_finished(study)
-                if left <= 0 or stopped or rounds >= MAX_ROUNDS:
+                if left <= 0 or stopped or rounds >= MAX_ROUNDS or timed_out(s):
                     break
                 n = min(st.n_jobs, left)
                 refused: list[str] = []
@@ -371,7 +372,7 @@ def run_workers(s, first_seed: str | None, grid: dict | None, multi: bool) -> in
         write_results(study, s, 0)
     if stopped and not irq.count:
         raise SweepStopped(stopped[0])
-    if rounds >= MAX_ROUNDS and count_finished(study) < s.target and not irq.count:
+    if rounds >= MAX_ROUNDS and count_finished(study) < s.target and not irq.count and not timed_out(s):
         raise SweepStopped(f"the workers ended {MAX_ROUNDS} times with {count_finished(study)} of {s.target} trials "
                            f"finished; their logs are in {s.folder / '.submitit'}")
     return irq.count

@@ -58,6 +58,8 @@ CASES = [
     ("objective_unknown", ["objective=accuracy"], "objective", "is not accepted: one of eval_loss, perplexity"),
     ("n_jobs_zero", [*SWEEP, "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs", "=0 is not accepted: an integer >= 1"),
     ("n_trials_zero", [*SWEEP, "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials", "is not accepted: an integer >= 1"),
+    ("timeout_zero", [*SWEEP, "hydra.sweeper.timeout=0"], "hydra.sweeper.timeout",
+     "=0 is not accepted: a number of seconds > 0, or null"),
     ("failure_rate_above_one", [*SWEEP, "hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate",
      "is not accepted: a number from 0 to 1"),
     ("pruner_argument", ["-m", "optimizer.lr=interval(1e-5,1e-3)", "hydra.sweeper.pruner.n_warmup_steps=-5"],

@@ -172,6 +172,29 @@ def test_ctrl_c_collects_a_finished_trial_and_queues_the_one_it_cut_short(tmp_pa
     assert "[toy] 2/2 finished: 2 complete" in proc.stdout and "trial 0 started" not in proc.stdout
 
 
+@pytest.mark.parametrize("mode", ["workers", "processes"])
+def test_timeout_starts_no_trial_after_it_and_lets_running_ones_finish(tmp_path, mode):
+    """hydra.sweeper.timeout (Optuna's study.optimize(timeout=...)): once it has passed since the command started, no
+    trial starts; those running finish and are COMPLETE; the sweep exits 0 and says so. A rerun of the same command
+    resumes the study with a timeout of its own."""
+    started = time.time()
+    proc = run_toy(tmp_path, "x=range(0,40)", "sleep_s=1.5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.timeout=6",
+                   f"hydra.sweeper.mode={mode}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hydra.sweeper.timeout=6s has passed: no more trials start" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    trials = study(tmp_path).trials
+    assert 0 < len(trials) < 40 and {t.state for t in trials} == {TrialState.COMPLETE}, [t.state for t in trials]
+    assert all(t.datetime_start.timestamp() < started + 6 for t in trials)  # none began after the timeout
+    assert max(t.datetime_complete.timestamp() for t in trials) > started + 6 - 1.5  # the last ones ran to their end
+    first = len(trials)
+    again = run_toy(tmp_path, "x=range(0,40)", "sleep_s=1.5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.timeout=6",
+                    f"hydra.sweeper.mode={mode}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = study(tmp_path).trials
+    assert len(trials) > first and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len({t.params["x"] for t in trials}) == len(trials)  # the rerun took up the grid where it was left
+
+
 def test_two_interrupts_in_a_row_lose_nothing_and_never_use_up_n_trials(tmp_path):
     """Two Ctrl-C's 20 ms apart, twice over: no trial left RUNNING, at most one line per Ctrl-C, no traceback; the
     interrupted trials never count, so the third run still trains the whole 3-point grid to 3/3."""
