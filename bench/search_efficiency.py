@@ -243,7 +243,7 @@ def report(results: dict, extra: list[str]) -> str:
                   "steps to within 1 % (median) | best at 25 % / 50 % of the grid's seconds (median) | trials (pruned) "
                   "per run, median | idle slot-time s (median) | seconds to within 1 %, each run |",
                   "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
-        for s, rs in r["runs"].items():
+        for s, rs in [(s, rs) for s, rs in r["runs"].items() if rs]:
             secs = median_or_none([x["wall_to_target_s"] for x in rs])
             steps = median_or_none([x["steps_to_target"] for x in rs])
             at = {f: median_or_none([x["best_at_grid_seconds"][f] for x in rs]) for f in ("25%", "50%")}
@@ -281,9 +281,15 @@ def plot(results: dict, path: Path) -> None:
                 if xs:
                     ax.step(xs, ys, where="post", color=f"C{i}", alpha=0.75, lw=2 if s == "qlora_exp" else 1.2,
                             label=s if j == 0 else None)
+        firsts = [run["curve"][0][0] / r["grid_s"] for rs in r["runs"].values() for run in rs if run["curve"]]
+        if firsts:  # the sweep's fixed cost: imports, workers, the first (cold) trial
+            ax.axvspan(0, statistics.median(firsts), color="grey", alpha=0.12,
+                       label="before a run's first result (median)")
         ax.axhline(1.0, color="grey", ls="--", lw=1, label="within 1 % of the grid's best")
-        ax.axvline(0.25, color="grey", ls=":", lw=1, label="1/4 of the grid's seconds")
+        ax.axvline(0.25, color="black", ls=":", lw=1, label="1/4 of the grid's seconds (the goal)")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(-1.5, 200)
+        ax.set_yticks([-1, 0, 1, 10, 100], ["-1", "0", "1", "10", "100"])
         ax.set_xlim(0, 1.05)
         ax.set_xlabel("seconds since the command started, as a fraction of the grid's")
         ax.set_ylabel("best eval loss so far, % above the grid's best")
