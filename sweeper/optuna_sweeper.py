@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,18 @@ class Sweep:
     deadline: float | None = None   # hydra.sweeper.timeout: no trial starts after this time.time()
 
 
+def command_started() -> float:
+    """When this process started, as time.time(): hydra.sweeper.timeout counts from the moment the user pressed
+    enter, the driver's imports and checks included (what a user with a stopwatch, or a sweep's budget, counts).
+    Read from /proc/self/stat (Linux); elsewhere, now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
 class OptunaSweeperImpl:
     def __init__(self, **settings: Any) -> None:
         self.settings = Settings.from_config(**settings)
@@ -72,7 +85,7 @@ class OptunaSweeperImpl:
 
     def sweep(self, arguments: list[str]) -> None:
         st, config, s = self.settings, self.config, Sweep()
-        s.deadline = time.time() + st.timeout if st.timeout is not None else None  # Optuna's: from the command's start
+        s.deadline = command_started() + st.timeout if st.timeout is not None else None
         s.settings, s.config, s.job = st, config, self.job
         launcher = config.hydra.get("launcher") or {}
         user_storage = any(o.split("=", 1)[0] == "hydra.sweeper.storage" for o in config.hydra.overrides.hydra)

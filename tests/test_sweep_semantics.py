@@ -184,7 +184,11 @@ def test_timeout_starts_no_trial_after_it_and_lets_running_ones_finish(tmp_path,
     assert "hydra.sweeper.timeout=6s has passed: no more trials start" in proc.stdout + proc.stderr, proc.stdout[-2000:]
     trials = study(tmp_path).trials
     assert 0 < len(trials) < 40 and {t.state for t in trials} == {TrialState.COMPLETE}, [t.state for t in trials]
-    assert all(t.datetime_start.timestamp() < started + 6 for t in trials)  # none began after the timeout
+    # none began after the timeout, counted from the command's start (its imports and checks included); a trial
+    # that passed the check just before it is asked for a few ms later
+    late = [(t.number, round(t.datetime_start.timestamp() - started, 2)) for t in trials
+            if t.datetime_start.timestamp() > started + 6 + 0.3]
+    assert not late, late
     assert max(t.datetime_complete.timestamp() for t in trials) > started + 6 - 1.5  # the last ones ran to their end
     first = len(trials)
     again = run_toy(tmp_path, "x=range(0,40)", "sleep_s=1.5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.timeout=6",
