@@ -2,6 +2,8 @@
 PYTHON ?= python
 SEARCH ?= rank_alpha_lr
 ARGS ?=
+# test processes (pytest-xdist) for `make test`: most of the suite waits on trial processes, SLURM and sleeps
+TEST_JOBS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep grid test test-processes test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
@@ -23,11 +25,11 @@ sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
 test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest, with sweep workers (the default); then the sweep-loop tests again with a process per trial
-	$(PYTHON) -m pytest -q --durations=20
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20
 	$(MAKE) --no-print-directory test-processes
 
 test-processes: ## The sweep-semantics, concurrency, recovery and driver-signal tests again with hydra.sweeper.mode=processes (those pinned to it already ran)
-	QLORA_EXP_SWEEP_MODE=processes $(PYTHON) -m pytest -q -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
+	QLORA_EXP_SWEEP_MODE=processes $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
 		tests/test_recovery.py tests/test_sweeper.py::test_killed_driver_resumes_without_rerunning_finished_trials \
 		tests/test_faults.py::test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_retry \
 		-k "not killed_trial_process and not paused_driver and not trial_controller and not whose_job_finished"

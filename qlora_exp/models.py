@@ -205,11 +205,19 @@ def _build(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, corpus_fil
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # give the build's bf16 weights back before the quantized load
-    if path.exists():  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(path)
+    _move_into_place(tmp, path)
     return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """`tmp` becomes `path`, unless another process finished the same build first: theirs is kept (rename refuses
+    a non-empty folder), and ours goes."""
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_quantized(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, corpus_file: Path,
@@ -223,10 +231,7 @@ def _build_quantized(model_cfg: DictConfig, shape: dict, path: Path, tmp: Path, 
     config = AutoConfig.for_model(model_cfg.architecture, **shape, pad_token_id=tok.pad_token_id,
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     build_quantized(config, quantization, model_cfg.seed, tmp, "cuda" if torch.cuda.is_available() else "cpu")
-    if path.exists():  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(path)
+    _move_into_place(tmp, path)
     return path
 
 

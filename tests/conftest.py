@@ -38,10 +38,37 @@ SWEEP_MODE = os.environ.get("QLORA_EXP_SWEEP_MODE") or "workers"
 PROCESSES = "hydra.sweeper.mode=processes"
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once for the whole test run, shared by every pytest-xdist worker (`make test` runs two): the
+    first worker to get here builds `name` under the run's common temp folder, holding a file lock; the others wait
+    for it and take the same folder. A build that failed is failed for every worker (its error is kept)."""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temp folder
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # common to the workers of this run
+    folder, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"{name} failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            try:
+                make(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[-3000:])
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One model cache for the whole session: the tiny model is built once."""
-    return tmp_path_factory.mktemp("cache")
+    """One model cache for the whole run: the tiny model is built once (the cache builds in a temporary folder and
+    moves it into place, so workers may share it)."""
+    return once_per_run(tmp_path_factory, "cache", lambda folder: None)
 
 
 def compose_cfg(tmp: Path, overrides=(), cache: Path | None = None):
@@ -118,12 +145,14 @@ class FailAtStep(TrainerCallback):
 
 @pytest.fixture(scope="session")
 def default_trial(tmp_path_factory, cache_dir) -> Path:
-    """`python -m qlora_exp` on the embedded default, once per session: its run folder."""
-    cwd = tmp_path_factory.mktemp("default_trial")
-    proc = run_cli([], cwd, cache_dir, env=TOKENS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = (cwd / "outputs" / "runs").iterdir()
-    (run / "test-output.txt").write_text(proc.stdout + proc.stderr)  # for the secrets scan
+    """`python -m qlora_exp` on the embedded default, once per run: its run folder."""
+    def make(cwd: Path) -> None:
+        proc = run_cli([], cwd, cache_dir, env=TOKENS)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run,) = (cwd / "outputs" / "runs").iterdir()
+        (run / "test-output.txt").write_text(proc.stdout + proc.stderr)  # for the secrets scan
+
+    (run,) = (once_per_run(tmp_path_factory, "default_trial", make) / "outputs" / "runs").iterdir()
     return run
 
 
@@ -144,20 +173,21 @@ TB_SWEEP_ARGS = [
 def tb_sweep(tmp_path_factory, cache_dir) -> Path:
     """A grid of three learning rates with one trial of each end: complete, pruned (threshold at step 10), failed
     (at step 12); then the same command again (a resume that runs nothing) and `python -m qlora_exp.report` on it,
-    tokens in every environment. Its working folder, with what the three commands printed in
+    tokens in every environment; once per run. Its working folder, with what the three commands printed in
     outputs/test-output-*.txt. Used by test_tensorboard, test_report, test_sweeper and test_secrets."""
-    cwd = tmp_path_factory.mktemp("tb_sweep")
-    env = {**TOKENS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    for name in ("first", "again"):
-        proc = run_cli(TB_SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (cwd / "outputs" / f"test-output-{name}.txt").write_text(proc.stdout + proc.stderr)
-    sweep = only_child(cwd / "outputs" / "multirun")
-    report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=cwd, text=True,
-                            capture_output=True, env={**os.environ, **TOKENS}, timeout=300)
-    assert report.returncode == 0, report.stderr[-3000:]
-    (cwd / "outputs" / "test-output-report.txt").write_text(report.stdout + report.stderr)
-    return cwd
+    def make(cwd: Path) -> None:
+        env = {**TOKENS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        for name in ("first", "again"):
+            proc = run_cli(TB_SWEEP_ARGS, cwd, cache_dir, env=env, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (cwd / "outputs" / f"test-output-{name}.txt").write_text(proc.stdout + proc.stderr)
+        sweep = only_child(cwd / "outputs" / "multirun")
+        report = subprocess.run([sys.executable, "-m", "qlora_exp.report", str(sweep)], cwd=cwd, text=True,
+                                capture_output=True, env={**os.environ, **TOKENS}, timeout=300)
+        assert report.returncode == 0, report.stderr[-3000:]
+        (cwd / "outputs" / "test-output-report.txt").write_text(report.stdout + report.stderr)
+
+    return once_per_run(tmp_path_factory, "tb_sweep", make)
 
 
 def cli_in_process(args, cwd: Path, env=None) -> subprocess.CompletedProcess:
