@@ -19,6 +19,17 @@ What it does, in order:
      split and kernels each used, and the largest relative gap between its loss curve and the recipe's at
      the steps both logged (every 5 steps: the mean loss of those 5 steps).
 A variant that fails is reported as failed with its last error line; the others still run.
+
+The peer, Unsloth (issue #15): `--unsloth ../shared/bench/unsloth_recipe.py` (not copied here) adds its variants
+(`unsloth`: its offloaded checkpointing, `unsloth_ckpt`: plain checkpointing, `unsloth_nockpt`: none), run with
+`--unsloth-path` first on PYTHONPATH (Unsloth pins its own trl and datasets); `--budgets 8,24,32,none` adds
+qlora_exp's `budget_B` variants (`trainer.memory_budget_gb=B`, the memory plan choosing the split) and prints the
+budget table: at each budget, qlora_exp's fastest run whose peak fits against Unsloth's fastest that fits, medians
+of the rounds. `--dropout 0` is Unsloth's fast path; the comparison is at the same dropout for both.
+
+    python bench/throughput.py --recipe .gpu/seed_recipe.py --unsloth .gpu/unsloth_recipe.py \
+        --unsloth-path /tmp/site_uns --budgets 8,24,32,none --dropout 0 --repeat 3 --steps 20 \
+        --variants recipe,unsloth,unsloth_ckpt,unsloth_nockpt
 """
 import argparse
 import importlib.util
@@ -61,7 +72,54 @@ VARIANTS = {
                              "trainer.memory_budget_gb=null", "trainer.fused_kernels=false"],
 }
 RECIPE_VARIANTS = {"recipe": [], "recipe_best_24g": ["--packing", "--bs", "8", "--accum", "1", "--liger"]}
-FULL_LENGTH = ("recipe", "runner_as_written", "fast")  # the others run --explore-steps
+# the peer (../shared/bench/unsloth_recipe.py): 8 examples in one micro-batch, its three checkpointing choices
+UNSLOTH_VARIANTS = {"unsloth": ["--ckpt", "unsloth"], "unsloth_ckpt": ["--ckpt", "true"],
+                    "unsloth_nockpt": ["--ckpt", "none"]}
+FULL_LENGTH = ("recipe", "runner_as_written", "fast", *UNSLOTH_VARIANTS)  # the others run --explore-steps
+
+
+# the levers of issue #15, each a variant of every budget: budget_24_offload, budget_24_compile, ...
+LEVERS = {"offload": ["trainer.offload_checkpoints=true"], "compile": ["trainer.compile_layers=true"],
+          "offload_compile": ["trainer.offload_checkpoints=true", "trainer.compile_layers=true"]}
+
+
+def budget_variants(budgets: str, levers: str = "") -> dict[str, list[str]]:
+    """`8,24,none` -> {"budget_8": ["trainer.memory_budget_gb=8"], ...}: the memory plan picks the split in each;
+    with levers `offload`, also budget_8_offload (the same budget with trainer.offload_checkpoints=true), ..."""
+    out = {}
+    for b in (x.strip() for x in budgets.split(",") if x.strip()):
+        if b != "none" and not b.replace(".", "", 1).isdigit():
+            sys.exit(f"error: --budgets={budgets}: {b!r} is not accepted: GiB numbers or none")
+        out[f"budget_{b}"] = [f"trainer.memory_budget_gb={'null' if b == 'none' else b}"]
+        for lever in (x.strip() for x in levers.split(",") if x.strip()):
+            if lever not in LEVERS:
+                sys.exit(f"error: --levers={levers}: {lever!r} is not accepted: one of {', '.join(LEVERS)}")
+            out[f"budget_{b}_{lever}"] = [*out[f"budget_{b}"], *LEVERS[lever]]
+    return out
+
+
+def budget_table(results: dict, runs: dict, budgets: str) -> list[str]:
+    """At each budget: qlora_exp's fastest variant whose peak fits it against Unsloth's fastest that fits (medians
+    of the rounds), with every round's tokens/s."""
+    lines = ["", "| budget GiB | qlora_exp: best run that fits | tokens/s (median) | peak GiB | Unsloth: best that fits | "
+             "tokens/s (median) | peak GiB | qlora_exp / Unsloth | rounds: qlora_exp / Unsloth |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for b in (x.strip() for x in budgets.split(",") if x.strip()):
+        cap = float("inf") if b == "none" else float(b)
+
+        def best(names, cap=cap):
+            ok = [(n, results[n]) for n in names if results.get(n, {}).get("status") == "complete"
+                  and results[n]["peak_gb"] <= cap]
+            return max(ok, key=lambda nr: nr[1]["tokens_per_s"], default=(None, None))
+        ours, o = best([n for n in results if n not in UNSLOTH_VARIANTS and n not in RECIPE_VARIANTS])
+        theirs, t = best([n for n in results if n in UNSLOTH_VARIANTS])
+        cell = lambda n, r: (n, f"{r['tokens_per_s']:.0f}", f"{r['peak_gb']:.2f}") if r else ("none fits", "-", "-")  # noqa: E731
+        ratio = f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}" if o and t else "-"
+        each = lambda n: ", ".join(f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "failed"  # noqa: E731
+                                   for r in runs.get(n, [])) if n else "-"
+        lines.append(f"| {b} | {' | '.join(cell(ours, o))} | {' | '.join(cell(theirs, t))} | {ratio} | "
+                     f"{each(ours)} / {each(theirs)} |")
+    return lines
 
 
 def load_recipe(path: Path):
@@ -150,8 +208,11 @@ def trial_run(name: str, steps: int, common: list, a, suffix: str = "") -> dict:
 def checkpointing(m: dict) -> str:
     """A trial's checkpointing as the table shows it: off, every layer or N layers."""
     if not m["gradient_checkpointing"]:
-        return "off"
-    return "every layer" if m.get("checkpointed_layers") is None else f"{m['checkpointed_layers']} layers"
+        out = "off"
+    else:
+        out = "every layer" if m.get("checkpointed_layers") is None else f"{m['checkpointed_layers']} layers"
+        out += ", offloaded" if m.get("offload_checkpoints") else ""
+    return out + (", compiled" if m.get("compile_layers") else "")
 
 
 def main():
@@ -169,12 +230,23 @@ def main():
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "throughput")
     ap.add_argument("--timeout", type=int, default=420)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every variant; the table shows each one's median")
+    ap.add_argument("--unsloth", type=Path, help="../shared/bench/unsloth_recipe.py: the peer's variants")
+    ap.add_argument("--unsloth-path", default="", help="put first on PYTHONPATH for the peer's runs (its site)")
+    ap.add_argument("--budgets", default="", help="comma list of GiB (or none): budget_B variants and the budget table")
+    ap.add_argument("--levers", default="", help=f"comma list of {', '.join(LEVERS)}: budget_B_<lever> variants too")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of qlora_exp's and Unsloth's runs")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    budgeted = budget_variants(a.budgets, a.levers)
+    VARIANTS.update(budgeted)
     names = [v for v in a.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS and v not in RECIPE_VARIANTS]
+    names += [v for v in budgeted if v not in names]
+    known = [*RECIPE_VARIANTS, *VARIANTS, *UNSLOTH_VARIANTS]
+    unknown = [v for v in names if v not in known]
     if unknown:
-        sys.exit(f"error: --variants={','.join(unknown)} is not accepted: one of {', '.join([*RECIPE_VARIANTS, *VARIANTS])}")
+        sys.exit(f"error: --variants={','.join(unknown)} is not accepted: one of {', '.join(known)}")
+    if any(v in UNSLOTH_VARIANTS for v in names) and not a.unsloth:
+        sys.exit("error: --variants names an Unsloth run but --unsloth (its script) is not given")
 
     seed = load_recipe(a.recipe.resolve())
     model_dir = Path(f"/tmp/model-{a.shape}")  # where the recipe script builds and keeps its model
@@ -194,15 +266,33 @@ def main():
                 "packing": "trl bfd" if rec["packing"] else "off", "fused": "liger" if rec["liger"] else "off",
                 "steps": steps, "loss_history": recipe_losses(text), "raw": rec}
 
-    # 1. the recipe builds the model folder on first use; 2. its rows, pre-tokenized, for qlora_exp
-    if names[0] not in RECIPE_VARIANTS and not (model_dir / "config.json").exists():
-        names.insert(0, "recipe")
+    def unsloth_run(name, steps, suffix=""):
+        path = os.pathsep.join(p for p in (a.unsloth_path, os.environ.get("PYTHONPATH", "")) if p)
+        rc, text = run([sys.executable, str(a.unsloth.resolve()), "--recipe", str(a.recipe.resolve()), "--shape", a.shape,
+                        "--steps", str(steps), "--bs", "8", "--accum", "1", "--dropout", str(a.dropout),
+                        *UNSLOTH_VARIANTS[name]], a.out / f"{name}{suffix}.log", a.timeout, env={"PYTHONPATH": path})
+        line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("{\"peer\"")), None)
+        if rc or not line:
+            return {"status": "failed", "error": last_error(text)}
+        rec = json.loads(line)
+        return {"status": "complete", "tokens_per_s": rec["real_tok_s"], "peak_gb": rec["peak_gib"],
+                "reserved_gb": rec["reserved_gib"], "split": f"{rec['bs']} x {rec['accum']}",
+                "ckpt": {"unsloth": "offloaded", "true": "every layer", "none": "off"}[rec["ckpt"]],
+                "packing": "padding-free" if rec.get("padding_free") else "off", "fused": f"unsloth {rec['version']}",
+                "steps": steps, "loss_history": recipe_losses(text), "raw": rec}
+
+    # 1. the recipe builds the model folder on first use (its make_model when no recipe run is asked for); 2. its
+    # rows, pre-tokenized, for qlora_exp
+    if not any(n in RECIPE_VARIANTS for n in names) and not (model_dir / "config.json").exists():
+        t0 = time.time()
+        seed.make_model(a.shape, str(model_dir))
+        print(f"  [{time.time() - t0:5.0f} s] built {model_dir} (the recipe's make_model)", flush=True)
     data = a.out / "data"
     common = [f"model={a.model}", f"model.name_or_path={model_dir}", "model.random_init=false", "data=jsonl",
               f"data.train_path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}",
               "data.assistant_only_loss=false", "trainer=article", "trainer.max_length=1024", "trainer.epochs=1",
               "trainer.eval_every=100000", "trainer.log_every=5", "trainer.save_adapter=false",
-              "optimizer=paged_adamw_32bit", "optimizer.lr=2e-4", "lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
+              "optimizer=paged_adamw_32bit", "optimizer.lr=2e-4", "lora.r=16", "lora.alpha=32", f"lora.dropout={a.dropout}",
               "lora.target_modules=all_linear", "quantization=nf4", "hydra/sweeper=basic", *a.set]
     runs: dict[str, list[dict]] = {}
     for round_ in range(a.repeat):  # rounds of every variant in turn: drift of the machine hits them all alike
@@ -210,6 +300,8 @@ def main():
             steps = a.steps if name in FULL_LENGTH else a.explore_steps
             if name in RECIPE_VARIANTS:
                 r = recipe_run(name, steps, suffix=f"-{round_}" if a.repeat > 1 else "")
+            elif name in UNSLOTH_VARIANTS:
+                r = unsloth_run(name, steps, suffix=f"-{round_}" if a.repeat > 1 else "")
             else:
                 if not (data / "train.jsonl").exists():
                     if not (model_dir / "config.json").exists():
@@ -249,6 +341,8 @@ def main():
     plans = {n: r["memory_plan"] for n, r in results.items() if r.get("memory_plan")}
     if plans:
         lines += ["", *(f"- {n}: {p}" for n, p in plans.items())]
+    if a.budgets:
+        lines += budget_table(results, runs, a.budgets)
     table = "\n".join(lines)
     (a.out / "throughput.md").write_text(table + "\n")
     (a.out / "throughput.json").write_text(json.dumps({"environment": env_info, "results": results}, indent=1))

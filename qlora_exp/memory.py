@@ -18,9 +18,12 @@ micro-batch x max_length) with n of the L decoder layers checkpointed:
                + LoRA parameters x 16 (fp32 weight, gradient, two Adam moments), x 8 with a paged optimizer
                  (its moments live in CUDA managed memory, outside the allocator)
   activations  t x [ (L - n) x A  +  n x residual x hidden  +  (A if n else 0) ]
-               A = ACT_H x hidden + ACT_I x intermediate: what one layer keeps for backward, per token
-               residual: 2 or 4 bytes (the layer input a checkpointed layer keeps); the last term: the one
-               layer being recomputed
+               A = ACT_H x hidden + ACT_I x intermediate: what one layer keeps for backward, per token, with
+               LoRA dropout; with lora.dropout 0 less by DROPOUT_KEPT per targeted projection (each of them
+               keeps its own dropped-out copy of its input and the mask; without dropout, their shared input)
+               residual: 2 or 4 bytes (the layer input a checkpointed layer keeps; 0 with
+               trainer.offload_checkpoints, which keeps it in CPU memory); the last term: the one layer being
+               recomputed
   head         t x HEAD_PER_TOKEN (trl's fused LM head works in tiles: no (t x vocab) logits)
 (the activations and head times SAFETY; the weights are counted exactly). Measured on one H200 (Llama-3-8B shape, 8 examples per micro-batch of the recipe's rows, Liger,
 no upcast: docs/benchmarks.md): every layer checkpointed 9.22 GiB, none 54.16, 16 of 32 31.07: linear,
@@ -43,6 +46,11 @@ LIGER_ACT_I = 6.0                    # Liger's SwiGLU keeps gate and up only
 HEAD_PER_TOKEN = 64 * 1024
 WEIGHT_BYTES = {"nf4": 0.52, "fp4": 0.52, "int8": 1.0, "none": 2.0}
 SAFETY = 1.10
+# bytes per token and unit of the projection's input width that lora.dropout > 0 keeps and 0 does not: the copy
+# (2) and mask (1) of each projection's input, less the input itself where a dropout-free adapter keeps it (shared
+# by q, k, v and by gate, up; o's is the attention output, which attention keeps anyway)
+DROPOUT_KEPT = {"q_proj": 7 / 3, "k_proj": 7 / 3, "v_proj": 7 / 3, "o_proj": 3.0, "gate_proj": 2.0, "up_proj": 2.0,
+                "down_proj": 1.0}
 MICRO_OVERHEAD_TOKENS = 4096         # the Python and launch work of a micro-step through 224 LoRA-wrapped 4-bit layers
 RECOMPUTE = 0.49                     # all layers recomputed: 1.49 x the time of none
 
@@ -58,8 +66,10 @@ class Plan:
     note: str
 
 
-def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False) -> float:
-    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing (module docstring)."""
+def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False,
+                offload: bool = False) -> float:
+    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing, their inputs in CPU memory
+    with `offload` (module docstring)."""
     from qlora_exp.validate import resolve_target_modules
 
     shape = cfg.model.shape
@@ -76,10 +86,14 @@ def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused
     # LoRA: fp32 weight and gradient, and the two Adam moments unless a paged optimizer keeps them in CUDA managed
     # memory (outside the allocator the budget caps and max_memory_allocated counts)
     per_lora = 8 if str(cfg.optimizer.get("name", "")).startswith("paged") else 16
-    fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in resolve_target_modules(cfg)) * per_lora
+    targets = resolve_target_modules(cfg)
+    fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in targets) * per_lora
     t = micro_batch_size * cfg.trainer.max_length
     per_layer = h * (ACT_H_UPCAST if upcast else ACT_H) + i * (LIGER_ACT_I if fused else ACT_I)
-    act = (layers - checkpointed) * per_layer + checkpointed * frozen_bytes * h + (per_layer if checkpointed else 0)
+    if not cfg.lora.dropout:
+        per_layer -= sum(DROPOUT_KEPT.get(name, 0.0) * params[name][0] for name in targets if name in params)
+    kept_input = 0 if offload else frozen_bytes * h
+    act = (layers - checkpointed) * per_layer + checkpointed * kept_input + (per_layer if checkpointed else 0)
     return (fixed + t * (act + HEAD_PER_TOKEN) * SAFETY) / 2**30  # the margin on what varies: the weights are exact
 
 
@@ -88,9 +102,10 @@ def step_cost(tokens_per_step: int, micro_tokens: int, checkpointed: int, layers
     return tokens_per_step / micro_tokens * (micro_tokens + MICRO_OVERHEAD_TOKENS) * (1 + RECOMPUTE * checkpointed / layers)
 
 
-def plan_memory(cfg: DictConfig, device, fused: bool = False) -> Plan | None:
+def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool = False) -> Plan | None:
     """The split of each optimizer step under `trainer.memory_budget_gb` (null: 90 % of the GPU's memory);
-    None when nothing is left to choose. `device`: a qlora_exp.device.DeviceInfo."""
+    None when nothing is left to choose. `device`: a qlora_exp.device.DeviceInfo; `offload`: checkpointed layers
+    keep their inputs in CPU memory (trainer.offload_checkpoints)."""
     tr = cfg.trainer
     micro_auto = tr.get("micro_batch_size") == "auto"
     ckpt_auto = tr.gradient_checkpointing == "auto"
@@ -108,22 +123,23 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False) -> Plan | None:
         depths = [0]
     if not device.cuda:  # nothing to fit: the largest micro-batch, the least recomputation allowed
         m, n = max(micros), min(depths)
-        return _plan(cfg, m, n, per_step, layers, fused, 0.0, "no CUDA device")
+        return _plan(cfg, m, n, per_step, layers, fused, offload, 0.0, "no CUDA device")
     budget = tr.get("memory_budget_gb") or round(0.9 * device.memory_gb, 1)
-    fits = [(m, n) for m in micros for n in depths if estimate_gb(cfg, m, n, fused) <= budget]
+    fits = [(m, n) for m in micros for n in depths if estimate_gb(cfg, m, n, fused, offload) <= budget]
     if not fits:
         m, n = min(micros), max(depths)
         raise ConfigError("trainer.memory_budget_gb", budget,
-                          f"at least {estimate_gb(cfg, m, n, fused):.1f} (GiB) for {cfg.model.name} at max_length "
+                          f"at least {estimate_gb(cfg, m, n, fused, offload):.1f} (GiB) for {cfg.model.name} at max_length "
                           f"{tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
     tokens = per_step * tr.max_length
     m, n = min(fits, key=lambda mn: (step_cost(tokens, mn[0] * tr.max_length, mn[1], layers), -mn[0]))
-    return _plan(cfg, m, n, per_step, layers, fused, budget, f"{budget:g} GiB")
+    return _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB")
 
 
-def _plan(cfg, m, n, per_step, layers, fused, budget, why) -> Plan:
-    est = estimate_gb(cfg, m, n, fused)
+def _plan(cfg, m, n, per_step, layers, fused, offload, budget, why) -> Plan:
+    est = estimate_gb(cfg, m, n, fused, offload)
     ckpt = "off" if n == 0 else "every layer" if n == layers else f"{n} of {layers} layers"
+    ckpt += ", their inputs offloaded to CPU memory" if offload and n else ""
     return Plan(m, per_step // m, n > 0, None if n in (0, layers) else n, est, budget,
                 f"memory plan for {why}: micro-batch {m} x {per_step // m} accumulation, checkpointing {ckpt} "
                 f"(estimated peak {est:.1f} GiB)")
@@ -138,4 +154,4 @@ def trial_peak_gb(cfg: DictConfig) -> float:
     layers = cfg.model.shape.num_hidden_layers
     ckpt = tr.gradient_checkpointing
     n = 0 if ckpt in (False, "auto") else (layers if tr.get("checkpointed_layers") is None else tr.checkpointed_layers)
-    return estimate_gb(cfg, micro, n, fused=False)
+    return estimate_gb(cfg, micro, n, fused=False, offload=tr.get("offload_checkpoints") is True)

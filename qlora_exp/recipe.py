@@ -52,6 +52,8 @@ class Plan:
     grad_accum: int
     gradient_checkpointing: bool
     checkpointed_layers: int | None  # with checkpointing: the first N decoder layers recompute (None: all)
+    offload_checkpoints: bool       # a checkpointed layer's input waits for its backward in CPU memory
+    compile_layers: bool            # torch.compile each decoder layer's attention and MLP (regional compilation)
     packing: str                    # off | rows | flat
     memory_note: str | None
     base_key: str                   # what the loaded base depends on: equal keys share one base
@@ -74,8 +76,10 @@ def plan_trial(cfg: DictConfig) -> Plan:
     optim, fallback = optimizer_for_device(cfg.optimizer.name, device)
     precision = resolve_precision(cfg.trainer.precision, device)
     fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
-    memory = plan_memory(cfg, device, fused)
     tr = cfg.trainer
+    offload = tr.get("offload_checkpoints", False)
+    offload = device.cuda if offload == "auto" else bool(offload)  # on a CPU the inputs are in its memory already
+    memory = plan_memory(cfg, device, fused, offload)
     micro = memory.micro_batch_size if memory else (tr.get("micro_batch_size") or tr.batch_size)
     accum = memory.grad_accum if memory else tr.batch_size * tr.grad_accum // micro
     ckpt = memory.gradient_checkpointing if memory else bool(tr.gradient_checkpointing)
@@ -87,8 +91,9 @@ def plan_trial(cfg: DictConfig) -> Plan:
             "cache_dir": str(cfg.paths.cache_dir)}
     data = {"data": _plain(cfg.data), "seed": tr.seed, "max_length": tr.max_length,
             "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
-    return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, packing,
-                memory.note if memory else None, _key(base), _key(data), tuple(n for n in (fallback,) if n))
+    return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, offload and ckpt,
+                bool(tr.get("compile_layers", False)), packing, memory.note if memory else None, _key(base), _key(data),
+                tuple(n for n in (fallback,) if n))
 
 
 def _plain(node) -> Any:
@@ -239,11 +244,43 @@ def set_checkpointing(model, plan: Plan) -> None:
         layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = plan.checkpointed_layers is None or i < plan.checkpointed_layers
+            if plan.offload_checkpoints:  # (gradient_checkpointing_enable set torch's own again above)
+                layer._gradient_checkpointing_func = offloaded_checkpoint
     else:  # left on by the trial before
         if model.is_gradient_checkpointing:
             model.gradient_checkpointing_disable()
         if _grads_hooked(model):
             model.disable_input_require_grads()
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """torch's activation checkpoint of one layer (non-reentrant), the input it keeps for the backward held in pinned
+    CPU memory instead of the GPU's (Unsloth's offloaded checkpointing; torchtune offloads the same way): the
+    checkpoint saves that input through the saved-tensor hooks active where it is called, `save_on_cpu`'s, while
+    what the layer saves inside is the checkpoint's own (recomputed in the backward, never kept)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def compile_layers(model, on: bool) -> None:
+    """torch.compile each decoder layer's attention and MLP, LoRA and 4-bit projections inside (regional
+    compilation, as Unsloth compiles each block): inside the layer's checkpoint, so recomputation runs the compiled
+    code too. The layers share one compiled graph (torch inlines modules: their weights are the graph's inputs).
+    Off: what an earlier trial on this base compiled runs eagerly again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in (mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)):
+        for name in ("self_attn", "mlp"):
+            part = getattr(layer, name, None)
+            if part is None:
+                continue
+            if on:
+                part.compile(dynamic=True)
+            else:
+                part._compiled_call_impl = None  # what nn.Module.compile set
 
 
 def _grads_hooked(model) -> bool:
@@ -277,7 +314,9 @@ def attach_adapter(base: Base, cfg: DictConfig, plan: Plan):
 
     set_checkpointing(base.model, plan)
     set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
-    return get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
+    model = get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
+    compile_layers(model, plan.compile_layers)
+    return model
 
 
 def release(base: Base, model) -> None:
@@ -330,7 +369,8 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     tokenized = WARM.tokenized.get((plan.data_key, id(base.tokenizer)))
     args = build_sft_config(cfg, str(out / "checkpoints"), plan.optimizer, plan.precision, use_cpu=not plan.device.cuda,
                             micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
-                            checkpointing=plan.gradient_checkpointing and not plan.partial_checkpointing,
+                            checkpointing=plan.gradient_checkpointing and not (plan.partial_checkpointing or plan.offload_checkpoints),
+                            # (the Trainer would set torch's checkpoint on every layer again)
                             prepared=tokenized is not None)
     collator = None
     if plan.packing != "off":

@@ -46,6 +46,8 @@ class TrialResult:
     grad_accum: int | None = None
     gradient_checkpointing: bool | None = None
     checkpointed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
+    offload_checkpoints: bool | None = None  # the checkpointed layers' inputs waited in CPU memory
+    compile_layers: bool | None = None    # each layer's attention and MLP ran torch.compile'd
     packing: str | None = None            # off | rows | flat (qlora_exp.packing)
     train_rows: int | None = None         # sequences the model was fed in training (packed rows hold several examples)
     train_positions: int | None = None    # token positions it computed in training, padding included
@@ -97,7 +99,8 @@ def run_trial(cfg: DictConfig) -> TrialResult:
                          device=plan.device.name, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"), micro_batch_size=plan.micro_batch_size,
                          grad_accum=plan.grad_accum, gradient_checkpointing=plan.gradient_checkpointing,
-                         checkpointed_layers=plan.checkpointed_layers, packing=plan.packing,
+                         checkpointed_layers=plan.checkpointed_layers, offload_checkpoints=plan.offload_checkpoints,
+                         compile_layers=plan.compile_layers, packing=plan.packing,
                          fused_kernels=plan.fused_note, memory_plan=plan.memory_note, started_at=round(start, 3),
                          process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1)
     from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers

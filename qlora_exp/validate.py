@@ -134,6 +134,8 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     if tr.get("checkpointed_layers") is not None:
         _number("trainer.checkpointed_layers", tr.checkpointed_layers, low=0, high=cfg.model.shape.num_hidden_layers,
                 integer=True)
+    _one_of("trainer.offload_checkpoints", tr.get("offload_checkpoints", False), (True, False, "auto"))
+    _one_of("trainer.compile_layers", tr.get("compile_layers", False), (True, False))
     _one_of("trainer.packing", tr.packing, (True, False))
     _one_of("trainer.packing_layout", tr.packing_layout, ("auto", *LAYOUTS))
     _one_of("trainer.fused_kernels", tr.fused_kernels, (True, False, "auto"))
