@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # qlora_exp.memory, for the plan's estimate at the micro-batches seen
 
 # name -> qlora_exp overrides on top of the common ones (trainer=article: 8 examples per step, max length 1024)
 VARIANTS = {
@@ -202,7 +203,34 @@ def trial_run(name: str, steps: int, common: list, a, suffix: str = "") -> dict:
             "reserved_gb": m.get("peak_memory_reserved_gb"), "split": f"{m['micro_batch_size']} x {m['grad_accum']}",
             "ckpt": checkpointing(m), "packing": m["packing"], "fused": m["fused_kernels"].split(":")[0],
             "steps": m["steps"], "loss_history": m["loss_history"], "memory_plan": m.get("memory_plan"),
-            "eval_loss": m["eval_loss"]}
+            "eval_loss": m["eval_loss"], "largest_micro_batch": m.get("largest_micro_batch_tokens"),
+            "estimate_seen_gb": seen_estimate(run_dir, m)}
+
+
+def seen_line(r: dict) -> str:
+    """The plan's estimate at the longest micro-batch seen, against the measured peak."""
+    if not r.get("estimate_seen_gb"):
+        return ""
+    return (f"; longest micro-batch {r['largest_micro_batch']:,} tokens: estimated {r['estimate_seen_gb']:.2f} GiB, "
+            f"measured {r['peak_gb']:.2f} ({r['estimate_seen_gb'] / r['peak_gb'] - 1:+.0%})")
+
+
+def seen_estimate(run_dir: Path, m: dict) -> float | None:
+    """The memory plan's estimate for the longest micro-batch the trial trained, at the depth it recomputed (what
+    the measured peak is compared with: the plan itself budgets for the worst, micro-batch x max_length)."""
+    from omegaconf import OmegaConf
+
+    from qlora_exp.memory import estimate_gb
+
+    tokens = m.get("largest_micro_batch_tokens")
+    if not tokens or not (run_dir / "config.yaml").exists():
+        return None
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    layers = cfg.model.shape.num_hidden_layers
+    depth = (m["recomputed_layers"]["max"] if m.get("recomputed_layers") else 0 if not m["gradient_checkpointing"]
+             else m.get("checkpointed_layers") or layers)
+    return round(estimate_gb(cfg, m["micro_batch_size"], depth, fused=m["fused_kernels"].startswith("liger"),
+                             offload=bool(m.get("offload_checkpoints")), tokens=tokens), 2)
 
 
 def checkpointing(m: dict) -> str:
@@ -211,6 +239,9 @@ def checkpointing(m: dict) -> str:
         out = "off"
     else:
         out = "every layer" if m.get("checkpointed_layers") is None else f"{m['checkpointed_layers']} layers"
+        if m.get("recomputed_layers"):  # the plan's depth is the worst micro-batch's: each recomputed what it needed
+            seen = m["recomputed_layers"]
+            out = f"{seen['min']}-{seen['max']} layers (mean {seen['mean']:.1f})"
         out += ", offloaded" if m.get("offload_checkpoints") else ""
     return out + (", compiled" if m.get("compile_layers") else "")
 
@@ -240,7 +271,8 @@ def main():
     budgeted = budget_variants(a.budgets, a.levers)
     VARIANTS.update(budgeted)
     names = [v for v in a.variants.split(",") if v]
-    names += [v for v in budgeted if v not in names]
+    if not any(v in budgeted for v in names):  # every budget variant, unless --variants names those to run
+        names += list(budgeted)
     known = [*RECIPE_VARIANTS, *VARIANTS, *UNSLOTH_VARIANTS]
     unknown = [v for v in names if v not in known]
     if unknown:
@@ -340,7 +372,7 @@ def main():
         {n: [[s, round(v, 4)] for s, v in c if s % 5 == 0] for n, c in curves.items()})]
     plans = {n: r["memory_plan"] for n, r in results.items() if r.get("memory_plan")}
     if plans:
-        lines += ["", *(f"- {n}: {p}" for n, p in plans.items())]
+        lines += ["", *(f"- {n}: {p}{seen_line(results[n])}" for n, p in plans.items())]
     if a.budgets:
         lines += budget_table(results, runs, a.budgets)
     table = "\n".join(lines)

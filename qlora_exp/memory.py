@@ -30,6 +30,12 @@ no upcast: docs/benchmarks.md): every layer checkpointed 9.22 GiB, none 54.16, 1
 1.40 GiB per layer not checkpointed at about 6,500 tokens (226 KB per token and layer). The constants below
 are 10 % above that; the upcast ones come from the same runs with fp32 frozen weights.
 
+Per micro-batch (trainer.gradient_checkpointing auto, on a GPU): the depth above is the worst micro-batch's, m x
+max_length tokens, which few hold (the recipe's rows: 8 of median ~600 tokens pack into 4-7 rows of 1024). The plan
+also gives each depth the most tokens that fit the budget (`Plan.max_tokens`, from the same estimate), and a hook
+before the model's forward (recipe.recompute_by_tokens) recomputes only as many layers as each micro-batch's own
+tokens need: on one H200 at 24 GiB, 15-21 of 32 (mean 18.2) instead of 23 for every one (docs/benchmarks.md).
+
 The cost model (relative time of one optimizer step): micro-steps x (t + MICRO_OVERHEAD_TOKENS) x
 (1 + RECOMPUTE x n / L). Measured there: 6,308 tokens/s with all 32 layers recomputed, 8,084 with 16,
 9,372 with none (RECOMPUTE 0.49); 8 examples in one micro-batch 4,430 tokens/s against 2,449 in four.
@@ -64,12 +70,14 @@ class Plan:
     estimate_gb: float
     budget_gb: float
     note: str
+    # with trainer.gradient_checkpointing auto on a GPU: for depth n = 0 .. the plan's, the most tokens a micro-batch
+    # may hold with n layers recomputing; each micro-batch recomputes only as many as its own tokens need (depth_for)
+    max_tokens: tuple[int, ...] | None = None
 
 
-def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False,
-                offload: bool = False) -> float:
-    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing, their inputs in CPU memory
-    with `offload` (module docstring)."""
+def _bytes(cfg: DictConfig, checkpointed: int, fused: bool, offload: bool) -> tuple[float, float]:
+    """(fixed bytes, bytes per token of a micro-batch) with `checkpointed` decoder layers recomputing (module
+    docstring), the margin included in the second."""
     from qlora_exp.validate import resolve_target_modules
 
     shape = cfg.model.shape
@@ -88,13 +96,34 @@ def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused
     per_lora = 8 if str(cfg.optimizer.get("name", "")).startswith("paged") else 16
     targets = resolve_target_modules(cfg)
     fixed += layers * cfg.lora.r * sum(sum(params.get(t, (h, h))) for t in targets) * per_lora
-    t = micro_batch_size * cfg.trainer.max_length
     per_layer = h * (ACT_H_UPCAST if upcast else ACT_H) + i * (LIGER_ACT_I if fused else ACT_I)
     if not cfg.lora.dropout:
         per_layer -= sum(DROPOUT_KEPT.get(name, 0.0) * params[name][0] for name in targets if name in params)
     kept_input = 0 if offload else frozen_bytes * h
     act = (layers - checkpointed) * per_layer + checkpointed * kept_input + (per_layer if checkpointed else 0)
-    return (fixed + t * (act + HEAD_PER_TOKEN) * SAFETY) / 2**30  # the margin on what varies: the weights are exact
+    return fixed, (act + HEAD_PER_TOKEN) * SAFETY  # the margin on what varies: the weights are exact
+
+
+def estimate_gb(cfg: DictConfig, micro_batch_size: int, checkpointed: int, fused: bool = False,
+                offload: bool = False, tokens: int | None = None) -> float:
+    """Peak allocated GiB with `checkpointed` of the model's decoder layers recomputing, their inputs in CPU memory
+    with `offload`, for a micro-batch of `tokens` (default: the worst case, micro-batch x max_length)."""
+    fixed, per_token = _bytes(cfg, checkpointed, fused, offload)
+    tokens = micro_batch_size * cfg.trainer.max_length if tokens is None else tokens
+    return (fixed + tokens * per_token) / 2**30
+
+
+def max_tokens(cfg: DictConfig, checkpointed: int, budget_gb: float, fused: bool = False,
+               offload: bool = False) -> int:
+    """The most tokens a micro-batch may hold within `budget_gb` with `checkpointed` layers recomputing (0: none)."""
+    fixed, per_token = _bytes(cfg, checkpointed, fused, offload)
+    return max(0, int((budget_gb * 2**30 - fixed) // per_token))
+
+
+def depth_for(tokens: int, table: tuple[int, ...]) -> int:
+    """The fewest decoder layers to recompute for a micro-batch of `tokens` (`Plan.max_tokens`): the first depth
+    whose token limit holds it, else the plan's (the table's last)."""
+    return next((n for n, limit in enumerate(table) if tokens <= limit), len(table) - 1)
 
 
 def step_cost(tokens_per_step: int, micro_tokens: int, checkpointed: int, layers: int) -> float:
@@ -133,7 +162,12 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool = Fa
                           f"{tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
     tokens = per_step * tr.max_length
     m, n = min(fits, key=lambda mn: (step_cost(tokens, mn[0] * tr.max_length, mn[1], layers), -mn[0]))
-    return _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB")
+    plan = _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB")
+    if ckpt_auto and n:  # the depth above is for the worst micro-batch (m x max_length tokens): most hold fewer
+        plan.max_tokens = tuple(max_tokens(cfg, k, budget, fused, offload) for k in range(n + 1))
+        plan.note = plan.note[:-1] + (f"; a micro-batch of at most {plan.max_tokens[0]:,} tokens recomputes none, a "
+                                      f"longer one only the layers its tokens need)")
+    return plan
 
 
 def _plan(cfg, m, n, per_step, layers, fused, offload, budget, why) -> Plan:

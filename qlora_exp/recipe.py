@@ -32,7 +32,7 @@ from qlora_exp.builders import build_lora_config, build_quantization_config, bui
 from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo, probe_device
 from qlora_exp.kernels import apply_fused_kernels, resolve_fused_kernels
-from qlora_exp.memory import plan_memory
+from qlora_exp.memory import depth_for, plan_memory
 from qlora_exp.packing import layout_for
 from qlora_exp.validate import check_config, optimizer_for_device, resolve_target_modules
 
@@ -59,6 +59,9 @@ class Plan:
     base_key: str                   # what the loaded base depends on: equal keys share one base
     data_key: str                   # what the tokenized rows depend on (with the base's tokenizer)
     notes: tuple[str, ...] = ()
+    # the memory plan's token limit per depth (memory.Plan.max_tokens): each micro-batch recomputes only the layers
+    # its tokens need, up to checkpointed_layers; None: the same layers every micro-batch
+    depth_by_tokens: tuple[int, ...] | None = None
 
     @property
     def partial_checkpointing(self) -> bool:
@@ -93,7 +96,7 @@ def plan_trial(cfg: DictConfig) -> Plan:
             "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
     return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, offload and ckpt,
                 bool(tr.get("compile_layers", False)), packing, memory.note if memory else None, _key(base), _key(data),
-                tuple(n for n in (fallback,) if n))
+                tuple(n for n in (fallback,) if n), memory.max_tokens if memory and ckpt else None)
 
 
 def _plain(node) -> Any:
@@ -343,6 +346,8 @@ class Run:
     train_positions: int
     resumed_from_step: int | None
     initial_eval_reused: bool = False
+    largest_micro_batch: int = 0    # token positions of the longest training micro-batch
+    depths: list | None = None      # (tokens, layers recomputed) per training micro-batch, with depth_by_tokens
 
 
 def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, train_rows, eval_rows) -> Run:
@@ -369,7 +374,8 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     tokenized = WARM.tokenized.get((plan.data_key, id(base.tokenizer)))
     args = build_sft_config(cfg, str(out / "checkpoints"), plan.optimizer, plan.precision, use_cpu=not plan.device.cuda,
                             micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
-                            checkpointing=plan.gradient_checkpointing and not (plan.partial_checkpointing or plan.offload_checkpoints),
+                            checkpointing=plan.gradient_checkpointing and not (plan.partial_checkpointing or plan.offload_checkpoints
+                                                                                or plan.depth_by_tokens),
                             # (the Trainer would set torch's checkpoint on every layer again)
                             prepared=tokenized is not None)
     collator = None
@@ -392,15 +398,17 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TrialProgress(quiet.bar_wanted(), out / PROGRESS_FILE, quiet.trial_label()))
     WARM.tokenized = {(plan.data_key, id(base.tokenizer)): (trainer.train_dataset, trainer.eval_dataset)}
-    counts = {"rows": 0, "positions": 0}
+    counts = {"rows": 0, "positions": 0, "largest": 0}
 
     def count(module, args, kwargs):  # the rows and token positions fed to the model while it trains (not in eval)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if module.training and ids is not None:
             counts["rows"] += int(ids.shape[0])
             counts["positions"] += int(ids.numel())
+            counts["largest"] = max(counts["largest"], int(ids.numel()))
 
     fed = trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    depth = recompute_by_tokens(trainer.model, plan.depth_by_tokens) if plan.depth_by_tokens else None
     reused = reuse_initial_eval(trainer, plan, cfg)
     last = _last_checkpoint(out / "checkpoints")
     setup_s = round(time.perf_counter() - setup, 3)
@@ -413,11 +421,40 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         trainer.__dict__.pop("evaluate", None)  # the wrapper's closure holds the trainer: no cycle outlives the trial
         tb.close()
         fed.remove()
+        if depth:
+            depth.remove()
         ckpt = out / "checkpoints"  # the Trainer's output_dir: made even when no checkpoint is saved
         if ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()
     return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
-               int(last.rsplit("-", 1)[-1]) if last else None, bool(reused))
+               int(last.rsplit("-", 1)[-1]) if last else None, bool(reused), counts["largest"],
+               depth.seen if depth else None)
+
+
+class recompute_by_tokens:
+    """Each training micro-batch recomputes the first `depth_for(its tokens)` decoder layers, no more: set on the
+    layers (their `gradient_checkpointing`, which GradientCheckpointingLayer reads as it is called) from a hook before
+    the model's forward. Recomputation changes memory and time, never the result. `seen`: (tokens, depth) per
+    micro-batch."""
+
+    def __init__(self, model, table: tuple[int, ...]):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        self.table, self.seen = table, []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not module.training or ids is None:
+            return
+        n = depth_for(int(ids.numel()), self.table)
+        for i, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = i < n
+        self.seen.append((int(ids.numel()), n))
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def reuse_initial_eval(trainer, plan: Plan, cfg: DictConfig) -> dict:
@@ -500,6 +537,11 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
     result.train_rows, result.train_positions = run.train_rows, run.train_positions
     result.resumed_from_step = run.resumed_from_step
     result.initial_eval_reused = run.initial_eval_reused
+    result.largest_micro_batch_tokens = run.largest_micro_batch
+    if run.depths:
+        n = [d for _, d in run.depths]
+        result.recomputed_layers = {"min": min(n), "mean": round(sum(n) / len(n), 2), "max": max(n),
+                                    "micro_batches": len(n)}
     gb, kind = peak_memory_gb()
     result.peak_memory_gb, result.peak_memory_kind = round(gb, 3), kind
     if plan.device.cuda:

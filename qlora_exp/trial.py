@@ -48,6 +48,8 @@ class TrialResult:
     checkpointed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
     offload_checkpoints: bool | None = None  # the checkpointed layers' inputs waited in CPU memory
     compile_layers: bool | None = None    # each layer's attention and MLP ran torch.compile'd
+    recomputed_layers: dict | None = None  # layers recomputed per micro-batch (min, mean, max) when the plan chose by tokens
+    largest_micro_batch_tokens: int | None = None  # token positions of the longest training micro-batch
     packing: str | None = None            # off | rows | flat (qlora_exp.packing)
     train_rows: int | None = None         # sequences the model was fed in training (packed rows hold several examples)
     train_positions: int | None = None    # token positions it computed in training, padding included

@@ -29,6 +29,8 @@ def test_throughput_bench_runs_the_recipe_and_the_runner_on_the_same_rows(tmp_pa
     assert len(fast["repeats"]) == len(recipe["repeats"]) == 2 and fast["tokens_per_s"] in fast["repeats"]
     assert (out / "fast-0" / "metrics.json").exists() and (out / "fast-1" / "metrics.json").exists()
     assert fast["packing"] == "rows" and fast["split"] == "8 x 1"
+    # the plan's estimate at the longest micro-batch it trained (what the GPU's measured peak is compared with)
+    assert 0 < fast["largest_micro_batch"] <= 8 * 1024 and fast["estimate_seen_gb"] > 0
     # same rows, same order, same examples per step: the loss curves agree (the recipe prints 4 digits)
     rec, ours = dict((int(s), v) for s, v in recipe["loss_history"]), dict((int(s), v) for s, v in fast["loss_history"])
     assert set(rec) == {5, 10} and all(abs(ours[s] - rec[s]) / rec[s] < 1e-3 for s in rec)

@@ -108,3 +108,84 @@ def test_bad_lever_values_are_refused(make_cfg, override, key):
     with pytest.raises(ConfigError) as e:
         check_config(make_cfg(override), CPU)
     assert str(e.value).startswith(key + "=") and "\n" not in str(e.value)
+
+
+def test_each_micro_batch_recomputes_only_the_layers_its_tokens_need(tmp_path, cache_dir, monkeypatch):
+    """With the memory plan's token limits per depth (trainer.gradient_checkpointing=auto on a GPU), a micro-batch
+    recomputes the fewest layers whose limit holds its tokens: here limits placed between the trial's own micro-batch
+    sizes, so its micro-batches recompute 0 to 4 of the 4 layers. Each layer runs once more for each micro-batch
+    that recomputed it (counted at the layer), metrics.json says the depths, and the result is the trial's without
+    recomputation."""
+    import json
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qlora_exp import memory, recipe
+    from qlora_exp.trial import run_trial
+
+    spies = []
+
+    class Spy(recipe.recompute_by_tokens):  # counts each layer's MLP calls while they train (the layer's forward
+        def __init__(self, model, table):  # is what transformers checkpoints: its own hooks stay outside)
+            super().__init__(model, table)
+            self.calls = [0] * len(self.layers)
+            spies.append(self)
+            for i, layer in enumerate(self.layers):
+                layer.mlp.register_forward_pre_hook(lambda mod, args, i=i: self._count(mod, i))
+
+        def _count(self, mod, i):
+            self.calls[i] += mod.training
+
+    def trial(table, name):
+        def plan(cfg, device, fused=False, offload=False):
+            per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum
+            return memory.Plan(cfg.trainer.batch_size, per_step // cfg.trainer.batch_size, True, None, 1.0, 1.0,
+                               "memory plan for the test", max_tokens=table)
+        monkeypatch.setattr(recipe, "plan_memory", plan)
+        return run_trial(compose_cfg(tmp_path, [*FAST, "trainer.batch_size=4", f"paths.output_dir={tmp_path}/{name}"],
+                                     cache_dir))
+
+    monkeypatch.setattr(recipe, "recompute_by_tokens", Spy)
+    recipe.forget_warm()
+    none = trial((10**9,), "none")  # every micro-batch within depth 0's limit
+    sizes = sorted(t for t, _ in spies[0].seen)
+    assert none.recomputed_layers["max"] == 0 and spies[0].calls == [len(sizes)] * 4
+    assert none.largest_micro_batch_tokens == sizes[-1] and sizes[0] < sizes[-1]
+    table = tuple(sizes[len(sizes) * k // 5] for k in range(4)) + (sizes[-1],)
+    mixed = trial(table, "mixed")
+    spy = spies[1]
+    assert [t for t, _ in spy.seen] == [t for t, _ in spies[0].seen]  # the same data order
+    depths = [memory.depth_for(t, table) for t, _ in spy.seen]
+    assert [d for _, d in spy.seen] == depths and len(set(depths)) >= 3
+    assert spy.calls == [len(depths) + sum(d > i for d in depths) for i in range(4)]
+    written = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["recomputed_layers"]
+    assert written == {"min": min(depths), "mean": round(sum(depths) / len(depths), 2), "max": max(depths),
+                       "micro_batches": len(depths)}
+    assert abs(mixed.eval_loss - none.eval_loss) < 1e-5, (none.eval_loss, mixed.eval_loss)
+    layers = [m for m in recipe.WARM.base.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.mlp._forward_pre_hooks.clear()
+    recipe.forget_warm()
+
+
+def test_the_plan_gives_each_depth_its_token_limit(make_cfg):
+    """The plan's depth holds the worst micro-batch (8 x 1024 tokens at 24 GiB); for each smaller depth it gives the
+    most tokens that fit the budget, so a micro-batch of the recipe's median size (8 rows of ~650) recomputes fewer
+    layers. Only when the plan chooses the checkpointing and fits a GPU."""
+    from qlora_exp.memory import depth_for
+    from tests.test_memory_plan import CPU
+
+    cfg = make_cfg(*ARTICLE_8B, "lora.dropout=0")
+    plan = plan_memory(cfg, H200, fused=True)
+    n, table = plan.checkpointed_layers, plan.max_tokens
+    assert plan.micro_batch_size == 8 and len(table) == n + 1 and list(table[1:]) == sorted(table[1:])  # (one layer
+    # recomputed costs more than none: its kept input and the layer being recomputed)
+    assert table[n] >= 8 * 1024 > table[n - 1]
+    for k, limit in enumerate(table):
+        assert estimate_gb(cfg, 8, k, fused=True, tokens=limit) <= 24 < estimate_gb(cfg, 8, k, fused=True,
+                                                                                    tokens=limit + 1)
+    assert depth_for(8 * 1024, table) == n and depth_for(8 * 650, table) < n - 4 and depth_for(table[0], table) == 0
+    assert f"at most {table[0]:,} tokens recomputes none" in plan.note
+    assert plan_memory(make_cfg(*ARTICLE_8B, "trainer.gradient_checkpointing=true"), H200, fused=True).max_tokens is None
+    assert plan_memory(make_cfg("trainer.micro_batch_size=auto", "trainer.gradient_checkpointing=auto"), CPU).max_tokens \
+        is None
