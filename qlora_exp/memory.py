@@ -39,6 +39,8 @@ tokens need: on one H200 at 24 GiB, 15-21 of 32 (mean 18.2) instead of 23 for ev
 The cost model (relative time of one optimizer step): micro-steps x (t + MICRO_OVERHEAD_TOKENS) x
 (1 + RECOMPUTE x n / L). Measured there: 6,308 tokens/s with all 32 layers recomputed, 8,084 with 16,
 9,372 with none (RECOMPUTE 0.49); 8 examples in one micro-batch 4,430 tokens/s against 2,449 in four.
+With the checkpointed layers' inputs offloaded, x (1 + OFFLOAD x n / L): at 24 GiB, 7,339 tokens/s offloaded with 22
+layers against 8,179 kept with 23 (OFFLOAD 0.19); `offload="auto"` plans both ways and takes the cheaper.
 """
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ DROPOUT_KEPT = {"q_proj": 7 / 3, "k_proj": 7 / 3, "v_proj": 7 / 3, "o_proj": 3.0
                 "down_proj": 1.0}
 MICRO_OVERHEAD_TOKENS = 4096         # the Python and launch work of a micro-step through 224 LoRA-wrapped 4-bit layers
 RECOMPUTE = 0.49                     # all layers recomputed: 1.49 x the time of none
+OFFLOAD = 0.19                       # every checkpointed layer's input offloaded: 1.19 x the time of keeping them
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Plan:
     estimate_gb: float
     budget_gb: float
     note: str
+    offload: bool = False             # the checkpointed layers' inputs wait in CPU memory (trainer.offload_checkpoints)
     # with trainer.gradient_checkpointing auto on a GPU: for depth n = 0 .. the plan's, the most tokens a micro-batch
     # may hold with n layers recomputing; each micro-batch recomputes only as many as its own tokens need (depth_for)
     max_tokens: tuple[int, ...] | None = None
@@ -126,15 +130,17 @@ def depth_for(tokens: int, table: tuple[int, ...]) -> int:
     return next((n for n, limit in enumerate(table) if tokens <= limit), len(table) - 1)
 
 
-def step_cost(tokens_per_step: int, micro_tokens: int, checkpointed: int, layers: int) -> float:
+def step_cost(tokens_per_step: int, micro_tokens: int, checkpointed: int, layers: int, offload: bool = False) -> float:
     """Relative time of one optimizer step (module docstring)."""
-    return tokens_per_step / micro_tokens * (micro_tokens + MICRO_OVERHEAD_TOKENS) * (1 + RECOMPUTE * checkpointed / layers)
+    return (tokens_per_step / micro_tokens * (micro_tokens + MICRO_OVERHEAD_TOKENS) * (1 + RECOMPUTE * checkpointed / layers)
+            * (1 + OFFLOAD * checkpointed / layers if offload else 1))
 
 
-def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool = False) -> Plan | None:
+def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool | str = False) -> Plan | None:
     """The split of each optimizer step under `trainer.memory_budget_gb` (null: 90 % of the GPU's memory);
     None when nothing is left to choose. `device`: a qlora_exp.device.DeviceInfo; `offload`: checkpointed layers
-    keep their inputs in CPU memory (trainer.offload_checkpoints)."""
+    keep their inputs in CPU memory (trainer.offload_checkpoints); "auto": when that makes the step cheaper by the
+    cost model (a larger micro-batch or less recomputation fits), on a GPU."""
     tr = cfg.trainer
     micro_auto = tr.get("micro_batch_size") == "auto"
     ckpt_auto = tr.gradient_checkpointing == "auto"
@@ -152,16 +158,18 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool = Fa
         depths = [0]
     if not device.cuda:  # nothing to fit: the largest micro-batch, the least recomputation allowed
         m, n = max(micros), min(depths)
-        return _plan(cfg, m, n, per_step, layers, fused, offload, 0.0, "no CUDA device")
+        return _plan(cfg, m, n, per_step, layers, fused, offload is True, 0.0, "no CUDA device")
     budget = tr.get("memory_budget_gb") or round(0.9 * device.memory_gb, 1)
-    fits = [(m, n) for m in micros for n in depths if estimate_gb(cfg, m, n, fused, offload) <= budget]
+    ways = (False, True) if offload == "auto" else (bool(offload),)  # auto: plan both ways, take the cheaper
+    fits = [(m, n, o) for m in micros for n in depths for o in ways
+            if (n or not o or len(ways) == 1) and estimate_gb(cfg, m, n, fused, o) <= budget]
     if not fits:
         m, n = min(micros), max(depths)
         raise ConfigError("trainer.memory_budget_gb", budget,
-                          f"at least {estimate_gb(cfg, m, n, fused, offload):.1f} (GiB) for {cfg.model.name} at max_length "
-                          f"{tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
+                          f"at least {estimate_gb(cfg, m, n, fused, max(ways)):.1f} (GiB) for {cfg.model.name} at "
+                          f"max_length {tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
     tokens = per_step * tr.max_length
-    m, n = min(fits, key=lambda mn: (step_cost(tokens, mn[0] * tr.max_length, mn[1], layers), -mn[0]))
+    m, n, offload = min(fits, key=lambda f: (step_cost(tokens, f[0] * tr.max_length, f[1], layers, f[2]), -f[0]))
     plan = _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB")
     if ckpt_auto and n:  # the depth above is for the worst micro-batch (m x max_length tokens): most hold fewer
         plan.max_tokens = tuple(max_tokens(cfg, k, budget, fused, offload) for k in range(n + 1))
@@ -171,12 +179,13 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool = Fa
 
 
 def _plan(cfg, m, n, per_step, layers, fused, offload, budget, why) -> Plan:
+    offload = offload and n > 0
     est = estimate_gb(cfg, m, n, fused, offload)
     ckpt = "off" if n == 0 else "every layer" if n == layers else f"{n} of {layers} layers"
     ckpt += ", their inputs offloaded to CPU memory" if offload and n else ""
     return Plan(m, per_step // m, n > 0, None if n in (0, layers) else n, est, budget,
                 f"memory plan for {why}: micro-batch {m} x {per_step // m} accumulation, checkpointing {ckpt} "
-                f"(estimated peak {est:.1f} GiB)")
+                f"(estimated peak {est:.1f} GiB)", offload)
 
 
 def trial_peak_gb(cfg: DictConfig) -> float:

@@ -80,9 +80,9 @@ def plan_trial(cfg: DictConfig) -> Plan:
     precision = resolve_precision(cfg.trainer.precision, device)
     fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
     tr = cfg.trainer
-    offload = tr.get("offload_checkpoints", False)
-    offload = device.cuda if offload == "auto" else bool(offload)  # on a CPU the inputs are in its memory already
+    offload = tr.get("offload_checkpoints", False)  # auto: where the memory plan finds a faster step with it
     memory = plan_memory(cfg, device, fused, offload)
+    offload = memory.offload if memory else offload is True
     micro = memory.micro_batch_size if memory else (tr.get("micro_batch_size") or tr.batch_size)
     accum = memory.grad_accum if memory else tr.batch_size * tr.grad_accum // micro
     ckpt = memory.gradient_checkpointing if memory else bool(tr.gradient_checkpointing)
