@@ -170,22 +170,21 @@ def plan_memory(cfg: DictConfig, device, fused: bool = False, offload: bool | st
                           f"max_length {tr.max_length} (the estimated peak with micro-batch {m} and checkpointing)")
     tokens = per_step * tr.max_length
     m, n, offload = min(fits, key=lambda f: (step_cost(tokens, f[0] * tr.max_length, f[1], layers, f[2]), -f[0]))
-    plan = _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB")
-    if ckpt_auto and n:  # the depth above is for the worst micro-batch (m x max_length tokens): most hold fewer
-        plan.max_tokens = tuple(max_tokens(cfg, k, budget, fused, offload) for k in range(n + 1))
-        plan.note = plan.note[:-1] + (f"; a micro-batch of at most {plan.max_tokens[0]:,} tokens recomputes none, a "
-                                      f"longer one only the layers its tokens need)")
-    return plan
+    # the depth above is the worst micro-batch's (m x max_length tokens): most hold fewer and need less
+    limits = tuple(max_tokens(cfg, k, budget, fused, offload) for k in range(n + 1)) if ckpt_auto and n else None
+    return _plan(cfg, m, n, per_step, layers, fused, offload, budget, f"{budget:g} GiB", limits)
 
 
-def _plan(cfg, m, n, per_step, layers, fused, offload, budget, why) -> Plan:
+def _plan(cfg, m, n, per_step, layers, fused, offload, budget, why, limits=None) -> Plan:
     offload = offload and n > 0
     est = estimate_gb(cfg, m, n, fused, offload)
     ckpt = "off" if n == 0 else "every layer" if n == layers else f"{n} of {layers} layers"
-    ckpt += ", their inputs offloaded to CPU memory" if offload and n else ""
+    ckpt += ", their inputs offloaded to CPU memory" if offload else ""
+    per_batch = (f"; a micro-batch of at most {limits[0]:,} tokens recomputes none, a longer one only the layers its "
+                 f"tokens need") if limits else ""
     return Plan(m, per_step // m, n > 0, None if n in (0, layers) else n, est, budget,
                 f"memory plan for {why}: micro-batch {m} x {per_step // m} accumulation, checkpointing {ckpt} "
-                f"(estimated peak {est:.1f} GiB)", offload)
+                f"(estimated peak {est:.1f} GiB{per_batch})", offload, limits)
 
 
 def trial_peak_gb(cfg: DictConfig) -> float:

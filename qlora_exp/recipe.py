@@ -401,8 +401,8 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     counts = {"rows": 0, "positions": 0, "largest": 0}
 
     def count(module, args, kwargs):  # the rows and token positions fed to the model while it trains (not in eval)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if module.training and ids is not None:
+        ids = _fed_ids(module, args, kwargs)
+        if ids is not None:
             counts["rows"] += int(ids.shape[0])
             counts["positions"] += int(ids.numel())
             counts["largest"] = max(counts["largest"], int(ids.numel()))
@@ -431,6 +431,12 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
                depth.seen if depth else None)
 
 
+def _fed_ids(module, args, kwargs):
+    """The input ids a forward pre-hook sees while the model trains (None in evaluation)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids if module.training else None
+
+
 class recompute_by_tokens:
     """Each training micro-batch recomputes the first `depth_for(its tokens)` decoder layers, no more: set on the
     layers (their `gradient_checkpointing`, which GradientCheckpointingLayer reads as it is called) from a hook before
@@ -445,8 +451,8 @@ class recompute_by_tokens:
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if not module.training or ids is None:
+        ids = _fed_ids(module, args, kwargs)
+        if ids is None:
             return
         n = depth_for(int(ids.numel()), self.table)
         for i, layer in enumerate(self.layers):
