@@ -317,9 +317,21 @@ def attach_adapter(base: Base, cfg: DictConfig, plan: Plan):
 
     set_checkpointing(base.model, plan)
     set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
-    model = get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
+    with _on_device_of(base.model):
+        model = get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
     compile_layers(model, plan.compile_layers)
     return model
+
+
+def _on_device_of(model):
+    """On a GPU, peft's adapter weights made and initialised there (torch's default-device mode) instead of on the CPU
+    and then copied one by one: two small tensors for each of the 8B's 224 projections. On the CPU nothing changes."""
+    import contextlib
+
+    import torch
+
+    device = next(model.parameters()).device
+    return torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def release(base: Base, model) -> None:

@@ -196,7 +196,9 @@ class Loop:
                 time.sleep(max(s.settings.poll_s, 1.0))
                 self.take_over_stale()
                 continue
-            time.sleep(s.settings.poll_s)
+            if not any(getattr(r.job, "state", None) == "PENDING" for r in self.running.values()
+                       if s.kind == "worker"):  # a worker's own trial, given out, runs at once (at its done())
+                time.sleep(s.settings.poll_s)
             if s.kind != "worker":  # a worker's own trial says its progress itself, in this process
                 running = [(n, r.trial.params, r.folder, self.where(r)) for n, r in self.running.items()]
                 self.view.show(self.progress.lines(running, s.study_name), self.progress.block())
