@@ -4,6 +4,7 @@
     python bench/sweep_modes.py --rounds 2 --out docs/bench/sweep_modes_cpu.json
     python bench/sweep_modes.py --recipe .gpu/seed_recipe.py --modes workers \
         --grid lora.r=8,16,32 optimizer.lr=1e-4,2e-4,4e-4,8e-4 -- trainer.max_steps=30   # GPU: the 8B shape, 12 trials
+    python bench/sweep_modes.py --keep-cache --rounds 2            # CPU, the tiny model already built (a second sweep)
     python bench/sweep_modes.py --breakdown                       # where a cold trial's start-up goes
 
 Per mode and round: the sweep's wall time (the command's, start to exit), the time its trials spent in their
@@ -82,11 +83,12 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
     steps = sum(t["train_time_s"] for t in trials)
     cold = [t["startup_s"] for t in trials if t["cold"]]
     warm = [t["startup_s"] for t in trials if not t["cold"]]
-    steady = statistics.median(t["steady_tokens_per_s"] for t in trials if t["steady_tokens_per_s"])
-    useful = sum(t["tokens"] for t in trials) / (wall * steady)
+    steadies = [t["steady_tokens_per_s"] for t in trials if t["steady_tokens_per_s"]]
+    steady = statistics.median(steadies) if steadies else None  # none in trials too short for a steady figure
+    useful = sum(t["tokens"] for t in trials) / (wall * steady) if steady else None
     return {"mode": mode, "wall_s": round(wall, 1), "trials": len(trials), "train_loop_share": round(loop / wall, 3),
-            "steps_share": round(steps / wall, 3), "useful_share": round(useful, 3),
-            "steady_tokens_per_s": round(steady), "trials_per_hour": round(3600 * len(trials) / wall, 1),
+            "steps_share": round(steps / wall, 3), "useful_share": useful and round(useful, 3),
+            "steady_tokens_per_s": steady and round(steady), "trials_per_hour": round(3600 * len(trials) / wall, 1),
             "startup_cold_s": round(statistics.median(cold), 2) if cold else None,
             "startup_warm_s": round(statistics.median(warm), 2) if warm else None,
             "first_step_warm_s": round(statistics.median([t["first_step_s"] for t in trials if not t["cold"]]), 2)
@@ -159,8 +161,17 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, help="the article's recipe script: its 8B model folder and rows (GPU)")
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--steps", type=int, default=30, help="with --recipe: steps per trial")
+    ap.add_argument("--keep-cache", action="store_true", help="one paths.cache_dir for every sweep, its tiny model "
+                    "built before the first (as the README's first command leaves it), not built in each sweep")
     ap.add_argument("extra", nargs="*", help="-- then overrides for every trial")
     a = ap.parse_args()
+    if a.keep_cache:
+        cache = Path(tempfile.mkdtemp(prefix="sweep-modes-cache-"))
+        a.extra = [*a.extra, f"paths.cache_dir={cache}"]
+        with tempfile.TemporaryDirectory() as tmp:  # one 1-step trial builds the model and tokenizer into it
+            subprocess.run([sys.executable, "-m", "qlora_exp", "trainer.max_steps=1", "trainer.save_adapter=false",
+                            f"paths.output_root={tmp}", *a.extra], cwd=REPO, check=True, capture_output=True,
+                           env={**os.environ, "TQDM_DISABLE": "1"})
     if a.recipe:
         data = Path(tempfile.mkdtemp(prefix="sweep-modes-rows-"))
         a.extra = recipe_overrides(a.recipe.resolve(), a.shape, a.steps, data) + a.extra
@@ -176,10 +187,10 @@ def main() -> None:
                 res["round"] = r
                 runs.append(res)
                 print(f"round {r} {mode:9s} wall {res['wall_s']:6.1f} s  train loop {res['train_loop_share']:.0%}  "
-                      f"steps {res['steps_share']:.0%}  useful {res['useful_share']:.0%}  "
+                      f"steps {res['steps_share']:.0%}  useful {res['useful_share'] or 0:.0%}  "
                       f"{res['trials_per_hour']:.0f} trials/h  start-up cold {res['startup_cold_s']} s, warm "
                       f"{res['startup_warm_s']} s, warm first step {res['first_step_warm_s']} s", flush=True)
-                report = {"grid": a.grid, "extra": a.extra, "runs": runs}
+                report = {"grid": a.grid, "extra": a.extra, "keep_cache": a.keep_cache, "runs": runs}
                 if a.out:
                     a.out.parent.mkdir(parents=True, exist_ok=True)
                     a.out.write_text(json.dumps(report, indent=1) + "\n")
