@@ -36,7 +36,11 @@ def run_toy(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.Comp
 
 
 def study(tmp_path: Path) -> optuna.Study:
-    return optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path}/study.db")
+    """The toy sweep's study, read as the sweeper reads it: through build_storage, which retries the race of two
+    processes creating a new database's tables (a test polling a driver that is just starting is the second)."""
+    from sweeper.storage import build_storage
+
+    return optuna.load_study(study_name="toy", storage=build_storage(f"sqlite:///{tmp_path}/study.db"))
 
 
 def own_lines(stderr: str) -> list[str]:

@@ -19,7 +19,9 @@ from tests.conftest import ROWS, SWEEP_MODE, cli_in_process, read_metrics, run_c
 
 
 def load_study(cwd: Path) -> optuna.Study:
-    storage = f"sqlite:///{cwd}/outputs/optuna.db"
+    from sweeper.storage import build_storage  # (retries a new database's schema race with a starting driver)
+
+    storage = build_storage(f"sqlite:///{cwd}/outputs/optuna.db")
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
 

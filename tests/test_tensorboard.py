@@ -168,7 +168,9 @@ def test_every_trial_is_in_one_tensorboard_with_its_hparams(tb_sweep, tmp_path):
 def sweep_study(cwd: Path):
     import optuna
 
-    storage = f"sqlite:///{cwd}/outputs/optuna.db"
+    from sweeper.storage import build_storage  # (retries a new database's schema race with a starting driver)
+
+    storage = build_storage(f"sqlite:///{cwd}/outputs/optuna.db")
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
 
