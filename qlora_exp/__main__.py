@@ -216,7 +216,7 @@ def check_command(argv: list[str]) -> None:
     task.paths.output_dir = str(Path(cfg.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
     _check_interpolations(task)
     try:
-        check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
+        check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=None, name="the trial's machine"))
         check_reachable(task)  # a hub dataset or model and no hub: one line now, not half a minute of retries
     except ConfigError as e:  # what the config says it needs comes first (an experiment's `needs`)
         raise ConfigError(e.key, e.value, e.accepted, needs_prefix(cfg, args.overrides)) from None

@@ -42,12 +42,14 @@ def build_lora_config(lora: DictConfig, target_modules: list[str]):
 
 
 def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: str, use_cpu: bool,
-                     micro_batch_size: int, grad_accum: int, checkpointing: bool, prepared: bool = False):
+                     micro_batch_size: int, grad_accum: int, checkpointing: bool, prepared: bool = False,
+                     eval_batch_size: int | None = None, world_size: int = 1):
     """The trainer arguments. transformers 5: a float `warmup_steps` below 1 is a ratio. The split of a step
     into micro-batches and the checkpointing come resolved (qlora_exp.memory). Packing is not trl's (which
     re-cuts the dataset into full rows): the trial gives the trainer a PackedBatchCollator (qlora_exp.packing).
     `prepared`: the datasets come tokenized and truncated by an earlier trial's trainer of this process (the same
-    data, tokenizer and max_length), so trl's preparation is skipped."""
+    data, tokenizer and max_length), so trl's preparation is skipped. `world_size` > 1: one rank of a multi-process
+    trial (qlora_exp.distributed); its evaluation batches are one process's (`eval_batch_size`)."""
     from trl import SFTConfig
 
     tr, opt = cfg.trainer, cfg.optimizer
@@ -57,7 +59,7 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         max_steps=tr.max_steps,
         num_train_epochs=tr.epochs,
         per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
+        per_device_eval_batch_size=eval_batch_size or micro_batch_size,
         gradient_accumulation_steps=grad_accum,
         learning_rate=opt.lr,
         weight_decay=opt.weight_decay,
@@ -89,6 +91,9 @@ def build_sft_config(cfg: DictConfig, output_dir: str, optim: str, precision: st
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
         dataset_kwargs={"skip_prepare_dataset": True} if prepared else None,
+        # DDP over the LoRA parameters alone: every one of them has a gradient each step
+        ddp_backend=("gloo" if use_cpu else None) if world_size > 1 else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
     )
 
 

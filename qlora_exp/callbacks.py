@@ -124,8 +124,8 @@ class TrialProgress(TrainerCallback):
     (an interactive terminal, a single run: qlora_exp.quiet.bar_wanted) or one line per evaluation; every dict the
     Trainer logs goes to the trial's log file (the qlora_exp.detail logger)."""
 
-    def __init__(self, bar: bool, progress_file=None, label: str = ""):
-        self.bar_wanted, self.bar, self.train_loss = bar, None, None
+    def __init__(self, bar: bool, progress_file=None, label: str = "", lines: bool = True):
+        self.bar_wanted, self.bar, self.train_loss, self.quiet = bar, None, None, not lines
         self.detail, self.lines = logging.getLogger("qlora_exp.detail"), logging.getLogger("qlora_exp.trial")
         self.progress_file, self.label = progress_file, label  # a sweep's driver reads the file (sweeper.progress)
 
@@ -149,7 +149,7 @@ class TrialProgress(TrainerCallback):
                 self.bar.set_postfix(loss=f"{self.train_loss:.3f}", refresh=False)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        if not metrics or "eval_loss" not in metrics:
+        if not metrics or "eval_loss" not in metrics or self.quiet:
             return
         line = f"{self.label}step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}" + (
             f", train loss {self.train_loss:.4f}" if self.train_loss is not None else "")
@@ -177,13 +177,16 @@ class TrialBoard:
     `row_file` (a sweep of this project's sweeper) the row goes to that file for the driver to write.
     """
 
-    def __init__(self, log_dir: str, row_file=None):
-        self.log_dir, self.row_file = str(log_dir), row_file
+    def __init__(self, log_dir: str | None, row_file=None):
+        # log_dir None: a multi-process trial's rank other than 0, which writes nothing (its writer drops everything)
+        self.log_dir, self.row_file = (str(log_dir) if log_dir is not None else None), row_file
         self.interrupted = False  # set on Ctrl-C or a kill: no row of its own (a resumed attempt writes it)
         self._writer = None
 
     @property
     def writer(self):
+        if self.log_dir is None:
+            return _NullWriter()
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -192,6 +195,8 @@ class TrialBoard:
 
     def finish(self, cfg, result) -> None:
         """Write the row of a finished trial (any status), then close. Never raises."""
+        if self.log_dir is None:
+            return
         try:
             if self.row_file is not None or not self.interrupted:
                 self.write_hparams(cfg, result)
@@ -224,6 +229,19 @@ class TrialBoard:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class _NullWriter:
+    """What a SummaryWriter is to a rank that writes nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def trial_hparams(cfg, log_dir: str) -> dict:

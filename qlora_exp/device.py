@@ -7,7 +7,7 @@ from functools import lru_cache
 class DeviceInfo:
     cuda: bool
     bf16: bool          # bf16 matmuls on the GPU (Ampere or newer)
-    n_gpus: int
+    n_gpus: int | None   # None: a check made for the trial's machine before it is known
     name: str
     memory_gb: float = 0.0  # total memory of the first GPU (GiB)
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
 from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo, probe_device
+from qlora_exp.distributed import is_rank, rank_split
 from qlora_exp.kernels import apply_fused_kernels, resolve_fused_kernels
 from qlora_exp.memory import depth_for, plan_memory
 from qlora_exp.packing import layout_for
@@ -62,6 +63,8 @@ class Plan:
     # the memory plan's token limit per depth (memory.Plan.max_tokens): each micro-batch recomputes only the layers
     # its tokens need, up to checkpointed_layers; None: the same layers every micro-batch
     depth_by_tokens: tuple[int, ...] | None = None
+    world_size: int = 1             # processes of the trial (trainer.gpus); micro_batch_size and grad_accum are each one's
+    eval_batch_size: int | None = None  # one process's micro-batch: the evaluation's batches are the same on N ranks
 
     @property
     def partial_checkpointing(self) -> bool:
@@ -88,6 +91,9 @@ def plan_trial(cfg: DictConfig) -> Plan:
     ckpt = memory.gradient_checkpointing if memory else bool(tr.gradient_checkpointing)
     layers = memory.checkpointed_layers if memory else tr.get("checkpointed_layers")
     layers = layers if ckpt else None
+    world, eval_batch = int(tr.get("gpus", 1) or 1), micro
+    if world > 1:  # each rank 1/N of every step's examples (qlora_exp.distributed)
+        micro, accum = rank_split(micro, accum, world)
     packing = layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing else "off"
     base = {"model": _plain(cfg.model), "quantization": _plain(cfg.quantization), "precision": precision,
             "fused": fused, "cuda": device.cuda,  # checkpointing is set per trial (set_checkpointing), not kept
@@ -96,7 +102,7 @@ def plan_trial(cfg: DictConfig) -> Plan:
             "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
     return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, offload and ckpt,
                 bool(tr.get("compile_layers", False)), packing, memory.note if memory else None, _key(base), _key(data),
-                tuple(n for n in (fallback,) if n), memory.max_tokens if memory and ckpt else None)
+                tuple(n for n in (fallback,) if n), memory.max_tokens if memory and ckpt else None, world, eval_batch)
 
 
 def _plain(node) -> Any:
@@ -389,7 +395,8 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
                             checkpointing=plan.gradient_checkpointing and not (plan.partial_checkpointing or plan.offload_checkpoints
                                                                                 or plan.depth_by_tokens),
                             # (the Trainer would set torch's checkpoint on every layer again)
-                            prepared=tokenized is not None)
+                            prepared=tokenized is not None, eval_batch_size=plan.eval_batch_size,
+                            world_size=plan.world_size)
     collator = None
     if plan.packing != "off":
         collator = PackedBatchCollator(pad_token_id=base.tokenizer.pad_token_id, max_length=cfg.trainer.max_length,
@@ -408,7 +415,9 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(TrialProgress(quiet.bar_wanted(), out / PROGRESS_FILE, quiet.trial_label()))
+        first = is_rank(0)  # the other ranks of a multi-process trial show and write nothing
+        trainer.add_callback(TrialProgress(first and quiet.bar_wanted(), out / PROGRESS_FILE if first else None,
+                                           quiet.trial_label(), lines=first))
     WARM.tokenized = {(plan.data_key, id(base.tokenizer)): (trainer.train_dataset, trainer.eval_dataset)}
     counts = {"rows": 0, "positions": 0, "largest": 0}
 
@@ -528,7 +537,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
 
     from qlora_exp.callbacks import peak_memory_gb
 
-    if cfg.trainer.save_adapter:
+    if cfg.trainer.save_adapter and is_rank(0):
         # the adapter's own tensors only: peft would read the whole model's state_dict, and bitsandbytes' 4-bit
         # layers write theirs by changing their quantization state in place (bitsandbytes 0.50: the next trial on
         # this base then evaluated 2e-4 off its cold run)

@@ -61,6 +61,7 @@ class TrialResult:
     resumed_from_step: int | None = None  # set when the trial resumed from a checkpoint (after preemption)
     initial_eval_reused: bool = False     # its step-0 evaluation was the base's, measured by an earlier trial here
     cuda_visible_devices: str | None = None  # the GPUs this trial's process was given
+    world_size: int | None = None         # processes that trained it (trainer.gpus: data parallel, qlora_exp.distributed)
     cpu_threads: int | None = None        # torch's intra-op threads (OMP_NUM_THREADS; a SLURM trial: its cpus_per_task)
     slurm_job_id: str | None = None
     train_loop_s: float | None = None     # the training loop's wall time, its evaluations included
@@ -84,7 +85,7 @@ class TrialResult:
 def run_trial(cfg: DictConfig) -> TrialResult:
     """The recipe's phases (qlora_exp.recipe): plan, build base, attach adapter, train, collect. In a sweep worker
     the base (and the tokenized rows) of the previous trial are reused when this trial's are the same."""
-    from qlora_exp import recipe
+    from qlora_exp import distributed, recipe
     from sweeper import stop
 
     stop.at_safe_points()  # in a sweep worker, Ctrl-C cuts this trial short at stop.check(), not mid-import or mid-load
@@ -95,8 +96,15 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = recipe.plan_trial(cfg)  # ConfigError here: nothing heavy is loaded before the checks pass
-    recipe.note_plan(plan)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not distributed.inside():
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if plan.world_size > 1:  # the ranks run the phases below; rank 0's metrics.json is the result
+            if recipe.WARM.base is not None:  # a sweep worker's kept base: its GPU memory goes to the ranks' copies
+                recipe.forget_warm()
+            return distributed.launch(out / "config.yaml", plan.world_size, _in_our_sweep())
+    first = distributed.is_rank(0)  # a multi-process trial's other ranks write nothing of their own
+    if first:
+        recipe.note_plan(plan)
     result = TrialResult(status="failed", objective=None, optimizer=plan.optimizer, precision=plan.precision,
                          device=plan.device.name, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"), micro_batch_size=plan.micro_batch_size,
@@ -104,12 +112,13 @@ def run_trial(cfg: DictConfig) -> TrialResult:
                          checkpointed_layers=plan.checkpointed_layers, offload_checkpoints=plan.offload_checkpoints,
                          compile_layers=plan.compile_layers, packing=plan.packing,
                          fused_kernels=plan.fused_note, memory_plan=plan.memory_note, started_at=round(start, 3),
-                         process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1)
+                         process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1,
+                         world_size=plan.world_size)
     from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers
     from sweeper.tensorboard import ROW_FILE
 
     # in a sweep of this project's sweeper, the driver writes the trial's HPARAMS row, with the study's own state
-    board = TrialBoard(cfg.paths.get("tensorboard_dir") or str(out / "tensorboard"),
+    board = TrialBoard((cfg.paths.get("tensorboard_dir") or str(out / "tensorboard")) if first else None,
                        row_file=out / ROW_FILE if _in_our_sweep() else None)
     base = model = None
     try:
@@ -144,8 +153,11 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         if base is not None:
             recipe.release(base, model)
         result.wall_time_s = round(time.time() - start, 2)
-        result.write(out / "metrics.json")
+        if first:
+            result.write(out / "metrics.json")
         board.finish(cfg, result)  # the TensorBoard hparams row: complete, pruned or failed
+    if not first:
+        return result
     log.info("trial %s: eval_loss %.4f (from %.4f), %.0f tokens/s, peak %.2f GiB, %.1f s", result.status,
              result.eval_loss, result.initial_eval_loss or float("nan"), result.train_tokens_per_s,
              result.peak_memory_gb, result.wall_time_s)
@@ -154,6 +166,10 @@ def run_trial(cfg: DictConfig) -> TrialResult:
 
 def _in_our_sweep() -> bool:
     """A trial of a `-m` run through this project's sweeper (hydra/sweeper=qlora_exp), not Hydra's basic one."""
+    from qlora_exp.distributed import IN_SWEEP_ENV
+
+    if os.environ.get(IN_SWEEP_ENV) == "1":  # a rank of such a trial: it has no Hydra of its own
+        return True
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

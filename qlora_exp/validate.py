@@ -6,6 +6,7 @@ folder's config.json); `check_lengths` also tokenizes the rows, with the trial's
 """
 import logging
 import math
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -150,6 +151,14 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     if tr.get("num_workers") is not None:
         _number("trainer.num_workers", tr.num_workers, low=0, integer=True)
     _number("trainer.log_every", tr.log_every, low=1, integer=True)
+    gpus = tr.get("gpus", 1)
+    _number("trainer.gpus", gpus, low=1, integer=True)
+    if gpus > 1 and device.cuda and device.n_gpus is not None and gpus > device.n_gpus:  # None: not this machine
+        raise ConfigError("trainer.gpus", gpus, f"at most {device.n_gpus}: the GPUs this process sees "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if gpus > 1 and (tr.batch_size * tr.grad_accum) % gpus:
+        raise ConfigError("trainer.gpus", gpus, f"1 or a divisor of trainer.batch_size x trainer.grad_accum = "
+                          f"{tr.batch_size * tr.grad_accum} (each process trains an equal share of every step's examples)")
     _one_of("trainer.precision", tr.precision, PRECISIONS)
     if tr.precision == "bf16" and not device.bf16:
         raise ConfigError("trainer.precision", "bf16", "auto or fp32 on this machine: it has no GPU with bf16"
@@ -358,7 +367,7 @@ def check_trial(cfg: DictConfig) -> None:
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.set_struct(task, False)
     task.paths.output_dir = str(Path(task.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
-    check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=1, name="the trial's machine"))
+    check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=None, name="the trial's machine"))
     if task.data.source == "jsonl":  # max_length against the rows (a sweep over it, or over the data or the model)
         import json
 

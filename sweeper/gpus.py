@@ -1,4 +1,5 @@
-"""Where local trials run: one GPU per slot, and the CPU cores split between concurrent slots."""
+"""Where local trials run: one GPU per slot (or a group of them for a trial that spans several), and the CPU cores
+split between concurrent slots."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,13 @@ def local_gpus(setting: list[int] | None) -> list[int]:
         return list(range(torch.cuda.device_count()))
     except ImportError:
         return []
+
+
+def slot_gpus(gpus: list[int], slot: int, per_trial: int = 1, slots_per_gpu: int = 1) -> tuple[int, ...]:
+    """The GPUs local slot `slot` runs its trials on: the GPUs in groups of `per_trial` (a trial that spans several,
+    the app's `trainer.gpus`), `slots_per_gpu` slots on each group, round the groups."""
+    groups = [tuple(gpus[i:i + per_trial]) for i in range(0, len(gpus) - per_trial + 1, per_trial)] or [tuple(gpus)]
+    return groups[(slot // max(1, slots_per_gpu)) % len(groups)]
 
 
 def has_nvidia_driver() -> bool:

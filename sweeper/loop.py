@@ -23,6 +23,7 @@ import optuna
 from hydra.core.singleton import Singleton
 from optuna.trial import TrialState
 
+from sweeper.gpus import slot_gpus
 from sweeper.jobs import job_result
 from sweeper.naming import hydra_value, short
 from sweeper.objective import ObjectiveError, objective_values
@@ -258,8 +259,8 @@ class Loop:
                 return None
         overrides = self.overrides_for(trial)
         if s.kind == "local" and s.gpus:
-            per = getattr(s, "slots_per_gpu", 1) or 1  # several trials of one GPU side by side
-            s.executor.update_parameters(visible_gpus=(s.gpus[(slot // per) % len(s.gpus)],), gpus_per_node=1)
+            group = slot_gpus(s.gpus, slot, s.gpus_per_trial, s.slots_per_gpu)  # several trials of one GPU side by side
+            s.executor.update_parameters(visible_gpus=group, gpus_per_node=len(group))
         if s.kind == "slurm":
             s.executor.update_parameters(name=f"{s.study_name}-{trial.number}")
         try:

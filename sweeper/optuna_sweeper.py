@@ -60,6 +60,7 @@ class Sweep:
     job: TrialJob
     driver: str
     slots_per_gpu: int
+    gpus_per_trial: int = 1         # the app's trainer.gpus: each local slot gets a group of this many GPUs
     deadline: float | None = None   # hydra.sweeper.timeout: no trial starts after this time.time()
 
 
@@ -137,6 +138,7 @@ class OptunaSweeperImpl:
         OmegaConf.save(config, s.folder / "multirun.yaml")
         s.executor, s.kind = make_executor(config.hydra.get("launcher"), s.folder / ".submitit")
         s.gpus = local_gpus(st.gpus) if s.kind == "local" else []
+        s.gpus_per_trial = self._gpus_per_trial(s, config)
         s.slots_per_gpu = self._slots_per_gpu(s, arguments)
         if s.kind == "local":
             share_cpu_threads(st.n_jobs)
@@ -153,6 +155,26 @@ class OptunaSweeperImpl:
             raise SweepInterrupted
         return None
 
+    def _gpus_per_trial(self, s: Sweep, config: DictConfig) -> int:
+        """GPUs one trial spans (the app's `trainer.gpus`, fixed for the sweep): the size of each local slot's GPU
+        group; on SLURM, what each trial's job must be given (hydra.launcher.gpus_per_node)."""
+        if not has_key(self.config, "trainer.gpus"):
+            return 1
+        fixed = [o.split("=", 1)[1] for o in [*s.fixed, *s.trial_overrides] if o.startswith("trainer.gpus=")]
+        try:
+            per = int(fixed[-1] if fixed else OmegaConf.select(self.config, "trainer.gpus"))
+        except (TypeError, ValueError):
+            return 1  # not a number: the trials' own check refuses it, in one line, before any trial starts
+        per = max(1, per)
+        if s.kind == "local" and s.gpus and per > len(s.gpus):
+            raise SweeperConfigError("trainer.gpus", per, f"at most {len(s.gpus)}: the GPUs this sweep's local slots "
+                                     "share (hydra.sweeper.gpus, else CUDA_VISIBLE_DEVICES, else every GPU)")
+        node = OmegaConf.select(config, "hydra.launcher.gpus_per_node", default=None)
+        if s.kind == "slurm" and per > 1 and (not isinstance(node, int) or node < per):
+            raise SweeperConfigError("hydra.launcher.gpus_per_node", node, f"at least trainer.gpus = {per} (each "
+                                     "trial's job holds the GPUs its processes train on)")
+        return per
+
     def _slots_per_gpu(self, s: Sweep, arguments: list[str]) -> int:
         """Trials sharing one local GPU (`slots_per_gpu`): a number, or auto from the trial's memory estimate
         (`memory_estimate`, e.g. qlora_exp.memory.trial_peak_gb) and the GPU's memory; each is then capped at its
@@ -160,10 +182,8 @@ class OptunaSweeperImpl:
         st = self.settings
         if st.slots_per_gpu is None or s.kind != "local" or not s.gpus:
             return 1
-        import torch
-
-        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         k = st.slots_per_gpu
+        total_gb = _gpu_memory_gb() if k == "auto" or k > 1 else None
         if k == "auto":
             estimate = _method("memory_estimate", st.memory_estimate)
             if estimate is None:
@@ -173,8 +193,10 @@ class OptunaSweeperImpl:
             k = max(1, int(0.9 * total_gb // max(float(estimate(cfg)), 0.1)))
             log.info("slots_per_gpu=auto: %d trial(s) per GPU (%.1f GiB estimated per trial, %.0f GiB GPU)", k,
                      float(estimate(cfg)), total_gb)
-        if st.n_jobs > k * len(s.gpus):
-            raise SweeperConfigError("n_jobs", st.n_jobs, f"at most slots_per_gpu x GPUs = {k} x {len(s.gpus)}")
+        groups = max(1, len(s.gpus) // s.gpus_per_trial)  # GPUs, or groups of trainer.gpus of them
+        if st.n_jobs > k * groups:
+            raise SweeperConfigError("n_jobs", st.n_jobs, f"at most slots_per_gpu x GPUs = {k} x {groups}"
+                                     + (f" (groups of trainer.gpus={s.gpus_per_trial})" if s.gpus_per_trial > 1 else ""))
         if k > 1 and has_key(self.config, "trainer.memory_budget_gb") and not any(
                 o.startswith("trainer.memory_budget_gb=") for o in [*s.fixed, *s.trial_overrides]):
             if OmegaConf.select(self.config, "trainer.memory_budget_gb") is None:
@@ -250,3 +272,9 @@ def _method(key: str, dotted: str | None):
     except Exception as e:  # noqa: BLE001
         raise SweeperConfigError(key, dotted, f"a module.function Hydra can import ({' '.join(str(e).split())[:200]})"
                                  ) from None
+
+
+def _gpu_memory_gb() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30

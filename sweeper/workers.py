@@ -439,9 +439,11 @@ _never_starts.asked = 0.0
 def _submit(s, worker: WorkerJob, index: int, singleton_state: dict, refused: list):
     import io
 
+    from sweeper.gpus import slot_gpus
+
     if s.kind == "local" and s.gpus:
-        per = s.slots_per_gpu or 1
-        s.executor.update_parameters(visible_gpus=(s.gpus[(index // per) % len(s.gpus)],), gpus_per_node=1)
+        group = slot_gpus(s.gpus, index, s.gpus_per_trial, s.slots_per_gpu)
+        s.executor.update_parameters(visible_gpus=group, gpus_per_node=len(group))
     if s.kind == "slurm":
         s.executor.update_parameters(name=f"{s.study_name}-worker{index}")
     try:
