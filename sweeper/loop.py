@@ -191,8 +191,9 @@ class Loop:
                 if not others:
                     break
                 if others != waiting:  # never exit while a trial of the study is unaccounted for
-                    log.info("waiting for trial(s) %s of another driver to end (or go stale after %g s)",
-                             ", ".join(map(str, others)), s.settings.stale_after_s)
+                    log.info("waiting for trial(s) %s of another %s to end (or go stale after %g s)",
+                             ", ".join(map(str, others)), "worker or driver" if s.kind == "worker" else "driver",
+                             s.settings.stale_after_s)
                     waiting = others
                 time.sleep(max(s.settings.poll_s, 1.0))
                 self.take_over_stale()
@@ -293,7 +294,9 @@ class Loop:
                 "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
             if os.environ.get("SLURM_JOB_ID"):  # what `python -m sweeper.status` asks SLURM about
                 trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
-        log.info("trial %d started (slot %d, job %s): %s; its log: %s", trial.number, slot, job.job_id,
+        # a worker's loop has one slot of its own: its trials are told apart by the worker that runs them
+        at = f"worker {trial.user_attrs['worker_job']}" if self.worker_job is not None else f"slot {slot}"
+        log.info("trial %d started (%s, job %s): %s; its log: %s", trial.number, at, job.job_id,
                  " ".join(f"{k}={short(v)}" for k, v in trial.params.items()),
                  folder / f"{s.config.hydra.job.name}.log")
         return Running(trial, job, folder, slot, since=time.time())
