@@ -177,7 +177,7 @@ class Loop:
 
     def _run(self, irq: Interrupts) -> None:
         s, study = self.s, self.s.study
-        last_beat, last_stale, last_note, waiting = 0.0, time.time(), time.time(), None
+        last_beat, last_stale, last_note, waiting, waiting_since = 0.0, time.time(), time.time(), None, 0.0
         while not irq.count:
             free = [n for n in range(s.settings.n_jobs) if n not in {r.slot for r in self.running.values()}]
             while free and self.stop is None and not irq.count:  # ask_next stops at the study's n_trials
@@ -191,11 +191,14 @@ class Loop:
                 if not others:
                     break
                 if others != waiting:  # never exit while a trial of the study is unaccounted for
+                    waiting_since = time.time()
                     log.info("waiting for trial(s) %s of another %s to end (or go stale after %g s)",
                              ", ".join(map(str, others)), "worker or driver" if s.kind == "worker" else "driver",
                              s.settings.stale_after_s)
                     waiting = others
-                time.sleep(max(s.settings.poll_s, 1.0))
+                # a sweep's last trials often end within a second of each other: poll at poll_s for a few seconds
+                # (the sweep's end is not held back a whole second), then once a second
+                time.sleep(s.settings.poll_s if time.time() - waiting_since < QUICK_WAIT_S else max(s.settings.poll_s, 1.0))
                 self.take_over_stale()
                 continue
             if not any(getattr(r.job, "state", None) == "PENDING" for r in self.running.values()
@@ -558,6 +561,7 @@ ENDED_SLURM_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL"
 
 
 NEVER_CHECK_S = 10.0  # a pending job's reason is asked for this often: one it can never start with is said in a minute
+QUICK_WAIT_S = 5.0  # how long a loop waiting on trials of other workers or drivers polls at poll_s before once a second
 NEVER_STARTS = {  # squeue's reasons that waiting does not resolve: the request itself does not fit the cluster
     "PartitionConfig": "it asks for more than the partition's nodes have or it allows: CPUs, memory, GPUs",
     "BadConstraints": "no node has the features or the combination it asks for",

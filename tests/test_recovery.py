@@ -7,6 +7,7 @@ shows twice.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -97,7 +98,7 @@ def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_
     running jobs: each point is trained once, both COMPLETE, nothing FAIL, nothing queued again. With workers (two
     worker processes, each a driver of the study with a heartbeat of its own) they too outlive the driver and the
     rerun waits for their trials."""
-    grid = ("x=0,1", "sleep_s=4", "hydra.sweeper.n_jobs=2")
+    grid = ("x=0,1", "sleep_s=6", "hydra.sweeper.n_jobs=2")
     first = start_toy(tmp_path, *grid)
     try:
         wait_for(lambda: len(runs(tmp_path)) == 2, timeout=60, what="both trials training")
@@ -109,8 +110,9 @@ def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
     no_traceback(out, err)
-    said = "watched here to its end, not run again" if SWEEP_MODE == "processes" else "waiting for trial(s) 0, 1 of another"
-    assert said in out, out[-3000:]
+    # a rerun's workers may start after one of the two trials ended (a loaded machine): they wait for what is left
+    said = r"watched here to its end, not run again" if SWEEP_MODE == "processes" else r"waiting for trial\(s\) (0, 1|0|1) of another"
+    assert re.search(said, out), out[-3000:]
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert sorted(t.params["x"] for t in trials) == [0, 1]
