@@ -29,10 +29,10 @@ test: ## The whole test suite (the README's test command): the fast tier first (
 	$(MAKE) --no-print-directory test-processes
 
 test-processes: ## The sweep-semantics, concurrency, recovery and driver-signal tests again with hydra.sweeper.mode=processes (those pinned to it already ran)
-	QLORA_EXP_SWEEP_MODE=processes $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m slow tests/test_sweep_semantics.py tests/test_concurrency.py \
+	QLORA_EXP_SWEEP_MODE=processes $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests/test_sweep_semantics.py tests/test_concurrency.py \
 		tests/test_recovery.py tests/test_sweeper.py::test_killed_driver_resumes_without_rerunning_finished_trials \
 		tests/test_faults.py::test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_retry \
-		-k "not killed_trial_process and not paused_driver and not trial_controller and not whose_job_finished"
+		-m "slow and not pins_mode"
 
 test-fast: ## Tests that start no trial and no driver (under a minute)
 	$(PYTHON) -m pytest -q -m "not slow"

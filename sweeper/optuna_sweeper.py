@@ -19,6 +19,7 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper.bytecode import cache_bytecode
 from sweeper.checks import check_sweep, sweep_points
 from sweeper.errors import SweeperConfigError
 from sweeper.gpus import local_gpus, share_cpu_threads
@@ -88,6 +89,7 @@ class OptunaSweeperImpl:
         st, config, s = self.settings, self.config, Sweep()
         s.deadline = command_started() + st.timeout if st.timeout is not None else None
         s.settings, s.config, s.job = st, config, self.job
+        cache_bytecode(st.bytecode_cache)  # before the checks' imports and any worker, trial process or SLURM job
         launcher = config.hydra.get("launcher") or {}
         user_storage = any(o.split("=", 1)[0] == "hydra.sweeper.storage" for o in config.hydra.overrides.hydra)
         if launcher.get("study_storage") and not user_storage:

@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sweeper import bytecode
 from sweeper.errors import SweeperConfigError
 
 MODES = {"workers": "n_jobs long-lived processes that pull trial after trial and keep what trials share loaded",
@@ -47,6 +48,7 @@ class Settings:
     command: str | None = None
     poll_s: float = 0.2
     pending_note_s: float = 60.0
+    bytecode_cache: Any = "auto"
 
     @property
     def directions(self) -> list[str]:
@@ -100,6 +102,9 @@ class Settings:
             value = getattr(s, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 raise SweeperConfigError(key, value, "a number of seconds > 0")
+        if s.bytecode_cache is not False and s.bytecode_cache is not None and (
+                not isinstance(s.bytecode_cache, str) or not s.bytecode_cache.strip()):
+            raise SweeperConfigError("bytecode_cache", s.bytecode_cache, bytecode.ACCEPTED)
         for key in ("sampler", "pruner"):
             if getattr(s, key) is not None and not isinstance(getattr(s, key), dict):
                 raise SweeperConfigError(key, getattr(s, key), f"a block such as hydra/sweeper/{key}=<name> selects, "

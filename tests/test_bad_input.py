@@ -31,7 +31,7 @@ CASES = [
     ("unknown_top_key", ["learning_rate=1e-4"], "learning_rate",
      "is not accepted: a key of the config: callbacks, data, lora, model"),
     ("unknown_sweeper_key", [*SWEEP, "hydra.sweeper.n_trial=3"], "hydra.sweeper.n_trial",
-     "is not accepted: a key of hydra.sweeper: _recursive_, _target_, callbacks_key, check"),
+     "is not accepted: a key of hydra.sweeper: _recursive_, _target_, bytecode_cache, callbacks_key, check"),
     ("unknown_search_param", ["-m", "hydra.sweeper.params={lora.rnk:'8,16'}"], "lora.rnk",
      "is not accepted: a key of lora: alpha,"),
     # wrong type
@@ -62,6 +62,8 @@ CASES = [
      "=0 is not accepted: a number of seconds > 0, or null"),
     ("failure_rate_above_one", [*SWEEP, "hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate",
      "is not accepted: a number from 0 to 1"),
+    ("bytecode_cache_number", [*SWEEP, "hydra.sweeper.bytecode_cache=3"], "hydra.sweeper.bytecode_cache",
+     "=3 is not accepted: auto (a cache under ~/.cache/qlora_exp/pycache"),
     ("pruner_argument", ["-m", "optimizer.lr=interval(1e-5,1e-3)", "hydra.sweeper.pruner.n_warmup_steps=-5"],
      "hydra.sweeper.pruner",
      "is not accepted: arguments of optuna.pruners.MedianPruner"),

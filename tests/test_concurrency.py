@@ -83,6 +83,7 @@ def test_askers_checking_the_count_at_the_same_moment_never_ask_past_n_trials(tm
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 10
 
 
+@pytest.mark.pins_mode
 def test_killed_trial_process_is_fail_and_the_sweep_goes_on(tmp_path, cache_dir):
     # a trial's own process killed (workers: tests/test_workers.py kills a worker mid-trial)
     args = ["-m", "lora.r=4,8", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.save_adapter=false", *ROWS,

@@ -119,6 +119,7 @@ def test_a_driver_killed_alone_leaves_its_trials_training_and_the_rerun_watches_
     assert sorted(r["x"] for r in runs(tmp_path)) == [0, 1]  # trained once each
 
 
+@pytest.mark.pins_mode
 def test_a_paused_driver_and_a_second_driver_train_each_point_once(tmp_path):
     """SIGSTOP of a driver past stale_after_s while a second driver of the same command starts: the second takes
     the paused driver's trial over from its running job (it is not run again); on SIGCONT the first driver finds
@@ -199,6 +200,7 @@ def test_a_rerun_waits_for_trials_another_live_driver_runs(tmp_path):
     assert first.returncode == 0 and len(runs(tmp_path)) == 1
 
 
+@pytest.mark.pins_mode
 def test_killing_a_trial_controller_kills_its_training(tmp_path):
     """kill -9 of a local trial's submitit controller: its training process ends with it (not minutes later beside
     the next trial), the trial is FAIL with its reason, and the sweep goes on to the next point."""
@@ -253,6 +255,7 @@ def test_a_resumed_random_search_suggests_new_points(tmp_path):
     assert proc.returncode == 0 and [t.params["x"] for t in study(again).trials] == xs[:3]
 
 
+@pytest.mark.pins_mode
 def test_stale_trial_whose_job_finished_is_completed_from_its_result(tmp_path):
     """A driver killed after its trial's process wrote its result but before the driver collected it: the rerun
     completes the trial from that result, with its value, and trains nothing."""

@@ -6,6 +6,7 @@ values), not training.
 """
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def main(cfg):
             write_progress(out / PROGRESS_FILE, step, cfg.progress_steps, value + 1 / step, None)
     else:
         time.sleep(cfg.sleep_s + cfg.x * cfg.sleep_per_x)  # a trial that takes a while: interrupts land while it runs
-    (out / "metrics.json").write_text(json.dumps({"value": value, "other": -value, "pid": os.getpid()}))
+    (out / "metrics.json").write_text(json.dumps({"value": value, "other": -value, "pid": os.getpid(),
+                                                  "pycache_prefix": sys.pycache_prefix,
+                                                  "dont_write_bytecode": sys.dont_write_bytecode}))
     return {"value": value, "pair": (value, -value), "dict": {"value": value, "other": -value},
             "text": "not a number", "none": None}[cfg.returns]
 
