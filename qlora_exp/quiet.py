@@ -16,13 +16,35 @@ VERBOSE_ENV = "QLORA_EXP_VERBOSE"
 # (logger name, message pattern, why it is harmless): on the terminal these are left out; the log file keeps them
 HARMLESS = [
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
-     "an optional prebuilt CPU kernel (the `kernels` package) is absent: bitsandbytes uses its own CPU kernel "
-     "(bitsandbytes issue #2064)"),
+     "bitsandbytes' optional prebuilt CPU kernel from the Hugging Face hub, not fetched (import_bitsandbytes: no hub "
+     "call at run time): bitsandbytes uses its own CPU kernel (bitsandbytes issue #2064)"),
     ("py.warnings", r"`(is_)?gradient_checkpointing` is deprecated and will be removed in v6",
      "transformers renaming its own flag, read by peft and trl: nothing of this trial's config"),
     ("py.warnings", r"torch_dtype.{0,40}deprecated",
      "transformers renaming an argument a library passes: nothing of this trial's config"),
 ]
+
+
+def import_bitsandbytes() -> None:
+    """Imports bitsandbytes without its hub lookup: on a CPU with AVX512-BF16, its CPU backend calls
+    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` as it is imported (the `kernels` package comes
+    with transformers), a download from the Hugging Face hub at run time, which a trial must not make (and which the
+    package's trust check refuses anyway, after asking the hub). With `kernels` hidden for that one import the lookup
+    fails at once and bitsandbytes uses its own CPU kernel; `kernels` is back for everything after."""
+    if "bitsandbytes" in sys.modules:
+        return
+    hidden = "kernels" not in sys.modules
+    saved = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:  # not installed (the CPU test of a config that never quantizes): the caller's import says so
+        pass
+    finally:
+        if hidden:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
 
 
 def verbose() -> bool:

@@ -38,6 +38,7 @@ class TrialResult:
     total_params: int | None = None
     wall_time_s: float | None = None
     train_time_s: float | None = None
+    step_s: list = field(default_factory=list)  # each optimizer step's seconds (a cold trial's first kernels show here)
     steps: int | None = None
     optimizer: str | None = None          # the optimizer actually used (after any CPU fallback)
     precision: str | None = None
@@ -89,9 +90,10 @@ def run_trial(cfg: DictConfig) -> TrialResult:
     from sweeper import stop
 
     stop.at_safe_points()  # in a sweep worker, Ctrl-C cuts this trial short at stop.check(), not mid-import or mid-load
-    from qlora_exp.quiet import quiet_console
+    from qlora_exp.quiet import import_bitsandbytes, quiet_console
 
     quiet_console()  # the terminal gets the trial's own lines; the log file, everything
+    import_bitsandbytes()  # before anything else imports it: no hub call for its CPU kernel
     start = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

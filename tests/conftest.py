@@ -29,6 +29,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import qlora_exp  # noqa: F401,E402  (resolvers)
+from qlora_exp.quiet import import_bitsandbytes  # noqa: E402
+
+import_bitsandbytes()  # as a trial does: the tests' own imports of it ask the hub for no CPU kernel
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")

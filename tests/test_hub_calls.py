@@ -1,0 +1,94 @@
+"""No hub call at run time: bitsandbytes' CPU backend asks the Hugging Face hub for a prebuilt kernel
+(`kernels.get_kernel("kernels-community/quantization-bitsandbytes")`) as it is imported on a CPU with AVX512-BF16;
+a trial imports it through qlora_exp.quiet.import_bitsandbytes, which makes that lookup fail at once. A fake
+`kernels` package, first on PYTHONPATH, records every call it gets."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+FAKE_KERNELS = '''
+# the installed kernels package (transformers imports its names), its get_kernel recording each call and fetching
+# nothing
+import importlib.machinery
+import os
+import sys
+
+_fake_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_real = importlib.machinery.PathFinder.find_spec(
+    "kernels", [p for p in sys.path if os.path.abspath(p or ".") != _fake_root])
+__path__ = list(_real.submodule_search_locations)  # its submodules come from the real package
+with open(_real.origin) as _f:
+    exec(compile(_f.read(), _real.origin, "exec"))
+
+
+def get_kernel(repo_id, *args, **kwargs):
+    with open(os.environ["FAKE_KERNELS_RECORD"], "a") as f:
+        f.write(repo_id + "\\n")
+    raise RuntimeError("the fake kernels package fetches nothing")
+'''
+
+
+def fake_kernels_env(tmp_path: Path) -> dict:
+    (tmp_path / "fake" / "kernels").mkdir(parents=True)
+    (tmp_path / "fake" / "kernels" / "__init__.py").write_text(FAKE_KERNELS)
+    path = os.pathsep.join([str(tmp_path / "fake"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "FAKE_KERNELS_RECORD": str(tmp_path / "calls.txt"),
+            "TQDM_DISABLE": "1"}
+
+
+def calls(tmp_path: Path) -> list[str]:
+    record = tmp_path / "calls.txt"
+    return record.read_text().split() if record.exists() else []
+
+
+def python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bitsandbytes_is_imported_without_asking_the_hub_for_its_cpu_kernel(tmp_path):
+    env = fake_kernels_env(tmp_path)
+    control = python("import bitsandbytes", env)  # bitsandbytes as anything else imports it
+    assert control.returncode == 0, control.stderr[-2000:]
+    if not calls(tmp_path):
+        pytest.skip("bitsandbytes asks for no hub kernel on this CPU (no AVX512-BF16)")
+    assert calls(tmp_path) == ["kernels-community/quantization-bitsandbytes"]
+    (tmp_path / "calls.txt").unlink()
+
+    guarded = python("""
+        import json, sys, torch
+        from qlora_exp.quiet import import_bitsandbytes
+        import_bitsandbytes()
+        import bitsandbytes.functional as F
+        import kernels  # back for everything after: the fake package, not the hidden stand-in
+        w = torch.randn(64, 64)
+        q, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64)
+        back = F.dequantize_4bit(q, state)
+        print(json.dumps({"kernels": kernels.__file__, "error": (back - w).abs().mean().item(),
+                          "scale": w.abs().mean().item()}))
+    """, env)
+    assert guarded.returncode == 0, guarded.stderr[-2000:]
+    out = json.loads(guarded.stdout.splitlines()[-1])
+    assert calls(tmp_path) == []
+    assert out["kernels"] == str(tmp_path / "fake" / "kernels" / "__init__.py")
+    assert out["error"] < 0.15 * out["scale"]  # NF4 still round-trips: bitsandbytes' own CPU kernel works
+
+
+@pytest.mark.slow
+def test_a_trial_makes_no_hub_call(tmp_path, cache_dir):
+    env = fake_kernels_env(tmp_path)
+    proc = run_cli(["trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_adapter=false",
+                    "data.max_train_rows=32", "data.max_eval_rows=8"], tmp_path, cache_dir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics,) = (tmp_path / "outputs").rglob("metrics.json")
+    result = json.loads(metrics.read_text())
+    assert result["quantized"]["quant_type"] == "nf4" and result["steps"] == 2  # it did load bitsandbytes' 4-bit
+    assert calls(tmp_path) == []
+    assert "kernels-community" not in proc.stdout + proc.stderr  # the harmless line stays in the log file
