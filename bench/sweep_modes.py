@@ -78,7 +78,8 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
                        "launch_s": m["started_at"] - asked, "phase_s": m.get("phase_s"),
                        "told_after_s": t.datetime_complete.timestamp() - (m["started_at"] + m["wall_time_s"]),
                        "initial_eval_reused": m.get("initial_eval_reused"), "asked_at_s": asked - start,
-                       "told_at_s": t.datetime_complete.timestamp() - start})
+                       "told_at_s": t.datetime_complete.timestamp() - start,
+                       "process_started_at_s": m["process_started_at"] - start, "step_s": m.get("step_s")})
     loop = sum(t["train_loop_s"] for t in trials)
     steps = sum(t["train_time_s"] for t in trials)
     cold = [t["startup_s"] for t in trials if t["cold"]]

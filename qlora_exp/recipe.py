@@ -517,15 +517,24 @@ def reuse_initial_eval(trainer, plan: Plan, cfg: DictConfig) -> dict:
 
 
 def _last_checkpoint(folder: Path) -> str | None:
-    """Resume from the newest Trainer checkpoint of this trial folder (after preemption)."""
+    """Resume from the newest complete Trainer checkpoint of this trial folder (after preemption). The Trainer writes
+    `trainer_state.json` last: a checkpoint without it (or with it torn) was cut short mid-save by the very signal
+    that requeued the trial (SLURM's SIGUSR2, a kill), so the one before it is taken."""
+    import re
+
     if not folder.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(folder))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    steps = sorted((int(m.group(1)), path) for path in folder.iterdir()
+                   if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.info("skipping %s: cut short while it was saved (no complete trainer_state.json)", path)
+            continue
+        log.info("resuming from %s", path)
+        return str(path)
+    return None
 
 
 # ---- collect ------------------------------------------------------------------------------------------------
@@ -557,6 +566,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
     result.steady_tokens_per_s = round(steady, 1) if steady else None
     result.loss_history = [list(x) for x in metrics.loss_history]
     result.train_time_s = round(metrics.train_time, 2)
+    result.step_s = [round(seconds, 3) for seconds, _ in metrics.steps]
     result.train_loop_s = round(metrics.loop_time, 2)
     result.ready_at, result.first_step_at = metrics.ready_at, metrics.first_step_at
     result.phase_s["trainer"] = run.setup_s

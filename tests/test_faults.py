@@ -389,3 +389,23 @@ def _db_errors() -> tuple:
     import sqlalchemy.exc
 
     return (sqlalchemy.exc.OperationalError,)
+
+
+def test_a_checkpoint_cut_short_mid_save_is_not_resumed_from(tmp_path):
+    """SLURM's SIGUSR2 (or a kill) can land while the Trainer writes a checkpoint: the folder exists, its
+    trainer_state.json (written last) does not, or is torn. The requeued trial resumes from the newest complete one
+    (resuming from the cut one failed the trial: CI's preempted-trial test, stop 37)."""
+    from qlora_exp.recipe import _last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for step, state in [(10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, None), (40, '{"global_st')]:
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (folder / "checkpoint-9x").mkdir()  # not a checkpoint's name
+    assert _last_checkpoint(folder) == str(folder / "checkpoint-20")
+    for step in (10, 20):
+        (folder / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    assert _last_checkpoint(folder) is None  # nothing complete: the trial starts over
+    assert _last_checkpoint(tmp_path / "absent") is None

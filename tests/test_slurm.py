@@ -137,7 +137,8 @@ def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path,
                                       if t.state == TrialState.RUNNING and "job_id" in t.user_attrs),
                          what="a running trial with its job")
         folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["job_id"]
-        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-20")), what="checkpoint-20")
+        # checkpoint-20 saved whole (trainer_state.json, written last); the interrupt may land mid-save of the next
+        wait_for(lambda: (folder / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists(), what="checkpoint-20")
         submitit.SlurmJob(folder=tmp_path / "outputs" / "multirun" / folder.parent.name / ".submitit",
                           job_id=job_id)._interrupt()  # submitit's preemption path: SIGUSR2, checkpoint, requeue
         deadline = time.time() + 300
@@ -151,7 +152,7 @@ def test_preempted_trial_resumes_from_its_checkpoint_as_the_same_trial(tmp_path,
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     (t,) = journal_study(tmp_path).trials  # still one trial in the study
-    assert t.state == TrialState.COMPLETE
+    assert t.state == TrialState.COMPLETE, (t.user_attrs, driver.stdout.read()[-3000:])
     m = read_metrics(folder)
     assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= 20, m
     assert m["steps"] == 60 and m["eval_loss"] == pytest.approx(t.value)
@@ -406,7 +407,7 @@ def test_a_preempted_worker_resumes_its_trial_from_its_checkpoint_as_the_same_tr
                                       if t.state == TrialState.RUNNING and "worker_job" in t.user_attrs),
                          what="a running trial with its worker job")
         folder, job_id = Path(trial.user_attrs["folder"]), trial.user_attrs["worker_job"]
-        wait_for(lambda: list((folder / "checkpoints").glob("checkpoint-20")), what="checkpoint-20")
+        wait_for(lambda: (folder / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists(), what="checkpoint-20")
         submitit.SlurmJob(folder=folder.parent / ".submitit", job_id=job_id)._interrupt()
         deadline = time.time() + 420
         while driver.poll() is None and time.time() < deadline:
