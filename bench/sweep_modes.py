@@ -106,9 +106,11 @@ def mark(name):
     global t0
     now = time.time(); marks[name] = round(now - t0, 2); t0 = now
 import torch; mark("import torch")
-import transformers, peft, trl, datasets, bitsandbytes  # noqa
+from qlora_exp.quiet import import_bitsandbytes
+import_bitsandbytes(); mark("import bitsandbytes (as a trial does: qlora_exp.quiet.import_bitsandbytes)")
+import transformers, peft, trl, datasets  # noqa
 from trl import SFTTrainer  # noqa
-mark("import transformers, peft, trl, datasets, bitsandbytes")
+mark("import transformers, peft, trl, datasets")
 from hydra import compose, initialize_config_dir
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[3:] + [f"paths.output_dir={sys.argv[2]}/trial",

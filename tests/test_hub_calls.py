@@ -92,3 +92,41 @@ def test_a_trial_makes_no_hub_call(tmp_path, cache_dir):
     assert result["quantized"]["quant_type"] == "nf4" and result["steps"] == 2  # it did load bitsandbytes' 4-bit
     assert calls(tmp_path) == []
     assert "kernels-community" not in proc.stdout + proc.stderr  # the harmless line stays in the log file
+
+
+def test_bitsandbytes_import_leaves_its_torch_compile_to_the_first_call():
+    """bitsandbytes wraps four helpers in torch.compile as it is imported, which imports TorchDynamo and Inductor
+    (2 s here); through import_bitsandbytes nothing is compiled until a helper is called, and torch.compile is torch's
+    own again after the import."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import json, sys, torch
+        compile_before = torch.compile
+        from qlora_exp.quiet import import_bitsandbytes
+        import_bitsandbytes()
+        from bitsandbytes.backends.default import ops
+        print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "restored": torch.compile is compile_before,
+                          "helper": ops._dequantize_4bit_compute.__name__}))
+    """)], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {"dynamo": False, "restored": True,
+                                                       "helper": "_dequantize_4bit_compute"}
+
+
+def test_a_deferred_compile_happens_once_with_the_same_arguments():
+    from qlora_exp.quiet import _compile_on_first_call
+
+    made = []
+
+    def compile_now(fn, **kwargs):
+        made.append(kwargs)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    def double(x):
+        return 2 * x
+
+    lazy = _compile_on_first_call(compile_now)
+    deferred, decorated = lazy(double, dynamic=False), lazy(dynamic=True)(double)
+    assert made == []  # nothing compiled as the module is imported
+    assert deferred(3) == ("compiled", 6) and deferred(4) == ("compiled", 8) and decorated(1) == ("compiled", 2)
+    assert made == [{"dynamic": False}, {"dynamic": True}]  # once each, with what bitsandbytes asked for
+    assert deferred.__name__ == "double"
