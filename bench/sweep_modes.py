@@ -54,9 +54,10 @@ def recipe_overrides(recipe: Path, shape: str, steps: int, data: Path) -> list[s
             "lora.target_modules=all_linear", "quantization=nf4"]
 
 
-def sweep(mode: str, grid: list[str], extra: list[str], root: Path) -> dict:
+def sweep(mode: str, grid: list[str], extra: list[str], root: Path, profile: Path | None = None) -> dict:
     env = {**os.environ, "QLORA_EXP_SWEEP_MODE": mode, "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "qlora_exp", "-m", *grid, f"paths.output_root={root}", *extra]
+    profiler = ["-m", "cProfile", "-o", str(profile.resolve())] if profile else []  # the driver's process
+    cmd = [sys.executable, *profiler, "-m", "qlora_exp", "-m", *grid, f"paths.output_root={root}", *extra]
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - start
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="with --recipe: steps per trial")
     ap.add_argument("--keep-cache", action="store_true", help="one paths.cache_dir for every sweep, its tiny model "
                     "built before the first (as the README's first command leaves it), not built in each sweep")
+    ap.add_argument("--profile-driver", type=Path, help="run each sweep's command under cProfile, writing this file "
+                    "(with one worker the driver is the worker: its trials are in it too)")
     ap.add_argument("extra", nargs="*", help="-- then overrides for every trial")
     a = ap.parse_args()
     if a.keep_cache:
@@ -186,7 +189,7 @@ def main() -> None:
         for r in range(a.rounds):
             for mode in a.modes if r % 2 == 0 else list(reversed(a.modes)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    res = sweep(mode, a.grid, a.extra, Path(tmp))
+                    res = sweep(mode, a.grid, a.extra, Path(tmp), a.profile_driver)
                 res["round"] = r
                 runs.append(res)
                 print(f"round {r} {mode:9s} wall {res['wall_s']:6.1f} s  train loop {res['train_loop_share']:.0%}  "
