@@ -21,16 +21,22 @@ On SLURM a worker waits in the queue once, not once per trial. Preemption: SLURM
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import io
 import json
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from omegaconf import OmegaConf
 
 log = logging.getLogger("qlora_exp.sweeper")
 
@@ -115,19 +121,43 @@ class InProcessJob:
 
 def _dumps(obj) -> bytes:
     """A result as submitit pickles it, read back by the same loader: plain pickle first (a trial's value is data; in a
-    worker holding the whole training stack, cloudpickle's search of sys.modules took ~0.1-0.2 s per trial), and
-    cloudpickle for what pickle cannot take (a function or class defined in `__main__`)."""
-    import pickle
-
-    try:
-        data = pickle.dumps(obj)
-        if b"__main__" not in data:  # by reference to `__main__`: another process could not load it
-            return data
-    except Exception:  # noqa: BLE001  (PicklingError, AttributeError, TypeError: cloudpickle may still manage)
-        pass
+    worker holding the whole training stack cloudpickle took 0.1 s a trial, and ~1 s the first time, on the GPU
+    machine), and cloudpickle for what pickle cannot take (a function or class defined in `__main__`). Hydra's
+    JobReturn carries the job's Hydra config, whose structured launcher config pickle refuses ("not the same object"):
+    it is kept as the plain config it holds (nothing reads it back but a person)."""
+    for candidate in (obj, _plain_hydra_cfg(obj)):
+        if candidate is None:
+            continue
+        try:
+            buffer = io.BytesIO()
+            _DataPickler(buffer).dump(candidate)
+            return buffer.getvalue()
+        except Exception:  # noqa: BLE001  (PicklingError, AttributeError, TypeError: cloudpickle may still manage)
+            pass
     import cloudpickle
 
     return cloudpickle.dumps(obj)
+
+
+class _DataPickler(pickle.Pickler):
+    """Plain pickle that refuses a function or class defined in `__main__` (another process could not load it by
+    reference): those go to cloudpickle, which pickles them by value."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+            raise pickle.PicklingError(f"{obj!r} is defined in __main__")
+        return NotImplemented
+
+
+def _plain_hydra_cfg(obj):
+    """(outcome, JobReturn) with the JobReturn's hydra_cfg as a plain config; None for anything else."""
+    from hydra.core.utils import JobReturn
+
+    if not (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], JobReturn) and obj[1].hydra_cfg):
+        return None
+    value = copy.copy(obj[1])
+    value.hydra_cfg = OmegaConf.create(OmegaConf.to_container(obj[1].hydra_cfg))
+    return obj[0], value
 
 
 class InProcessExecutor:
