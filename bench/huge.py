@@ -38,7 +38,8 @@ def du_gib(path: Path) -> float:
 def trial(name: str, overrides: list, a, common: list) -> dict:
     run_dir = a.out / name
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "qlora_exp", *common, *overrides, f"hydra.run.dir={run_dir}"],
+    profiler = ["-m", "cProfile", "-o", str((a.profile / f"{name}.prof").resolve())] if a.profile else []
+    proc = subprocess.run([sys.executable, *profiler, "-m", "qlora_exp", *common, *overrides, f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, timeout=a.timeout,
                           env={**os.environ, "TQDM_DISABLE": "1",
                                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
@@ -70,8 +71,11 @@ def main():
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache before each 8B load after the first (root): loads from a cold disk")
     ap.add_argument("--set", action="append", default=[], help="an extra override for every run (trainer.precision=auto)")
+    ap.add_argument("--profile", type=Path, help="run each trial under cProfile, writing <this folder>/<run>.prof")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.profile:
+        a.profile.mkdir(parents=True, exist_ok=True)
     cache = a.out / "cache"
     data = a.out / "data"
     write_rows(load_recipe(a.recipe.resolve()), a.shape, max(a.steps, 8), data)  # the 70B has the 8B's vocab

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qlora_exp import paged
 from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
 from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo, probe_device
@@ -142,6 +143,7 @@ def forget_warm() -> None:
     WARM.base, WARM.rows, WARM.tokenized, WARM.initial_eval = None, {}, {}, {}
     gc.unfreeze()  # what keep_out_of_collections froze is collectable again
     _free_memory()
+    paged.POOL.give_back()  # the failed trial's paged optimizer states: free for the next (nothing frees them)
 
 
 def keep_out_of_collections() -> None:
@@ -342,7 +344,8 @@ def _on_device_of(model):
 
 def release(base: Base, model) -> None:
     """Take the trial's adapters off the base (peft's unload: each LoRA layer back to the layer it wrapped) and let
-    the trial's trainer, optimizer and activations go."""
+    the trial's trainer, optimizer and activations go. torch's allocator keeps the memory they had, cached for the
+    next trial on this base (its first steps then map no new memory); a base let go gives it back (forget_warm)."""
     if model is not None and hasattr(model, "unload"):
         inner = model.unload()
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -350,7 +353,8 @@ def release(base: Base, model) -> None:
                 delattr(inner, attr)
         base.model = inner
     WARM.trials += 1
-    _free_memory()
+    gc.collect()
+    paged.POOL.give_back()  # its paged optimizer states: the next trial's (qlora_exp.paged)
 
 
 # ---- train --------------------------------------------------------------------------------------------------
@@ -366,6 +370,7 @@ class Run:
     initial_eval_reused: bool = False
     largest_micro_batch: int = 0    # token positions of the longest training micro-batch
     depths: list | None = None      # (tokens, layers recomputed) per training micro-batch, with depth_by_tokens
+    paged_made: int = 0             # paged optimizer state buffers newly allocated for it (qlora_exp.paged)
 
 
 def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, train_rows, eval_rows) -> Run:
@@ -380,12 +385,14 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     from sweeper.progress import PROGRESS_FILE
 
     if plan.device.cuda:
+        paged.install()  # a paged optimizer's states from the worker's pool, not a new managed allocation per trial
         torch.cuda.reset_peak_memory_stats()  # this trial's peak: the base it trains on, its adapters and steps
         budget = cfg.trainer.get("memory_budget_gb")
         if budget:  # a hard cap: past it the allocator raises out-of-memory instead of taking more
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
     setup = time.perf_counter()
+    paged_before = paged.POOL.allocated
     metrics = TrialMetrics()
     tb = TensorBoardScalars(board.writer, metrics)
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -449,7 +456,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
             ckpt.rmdir()
     return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
                int(last.rsplit("-", 1)[-1]) if last else None, bool(reused), counts["largest"],
-               depth.seen if depth else None)
+               depth.seen if depth else None, paged.POOL.allocated - paged_before)
 
 
 def _fed_ids(module, args, kwargs):
@@ -574,6 +581,9 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
     result.train_rows, result.train_positions = run.train_rows, run.train_positions
     result.resumed_from_step = run.resumed_from_step
     result.initial_eval_reused = run.initial_eval_reused
+    if paged.POOL.in_use:
+        result.paged_states = {"buffers": len(paged.POOL.in_use), "new": run.paged_made,
+                               "held_gb": round(paged.POOL.held_bytes() / 2**30, 3)}
     result.largest_micro_batch_tokens = run.largest_micro_batch
     if run.depths:
         n = [d for _, d in run.depths]

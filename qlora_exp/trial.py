@@ -77,6 +77,10 @@ class TrialResult:
     phase_s: dict = field(default_factory=dict)  # seconds in each phase: plan, base, adapter, trainer (its setup)
     memory_at_start_gb: float | None = None  # CUDA memory allocated as the trial began: on a warm worker its base and
                                           # whatever earlier trials left (flat from trial to trial: nothing leaks)
+    device_used_at_start_gb: float | None = None  # the GPU's memory in use as it began (cudaMemGetInfo): also what
+                                          # the allocator does not count (managed memory, other processes)
+    paged_states: dict | None = None      # a paged optimizer's state buffers: how many, how many newly allocated (a
+                                          # warm worker's trial reuses the last one's: qlora_exp.paged), the pool's GiB
     error: str | None = None
 
     def write(self, path: Path) -> None:
@@ -129,6 +133,8 @@ def run_trial(cfg: DictConfig) -> TrialResult:
         result.cpu_threads = torch.get_num_threads()
         if torch.cuda.is_available():
             result.memory_at_start_gb = round(torch.cuda.memory_allocated() / 2**30, 3)
+            free, total = torch.cuda.mem_get_info()
+            result.device_used_at_start_gb = round((total - free) / 2**30, 3)
         # the rows (a hub dataset that cannot be reached fails here: recorded in metrics.json like any failure)
         train_rows, eval_rows = recipe.rows_for(cfg, plan)
         log.info("trial folder %s: %d train / %d eval rows, %s on %s, optimizer %s", out, len(train_rows),

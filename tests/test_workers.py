@@ -301,3 +301,59 @@ def test_a_result_defined_in_main_is_pickled_by_value():
 
     outcome, value = pickle.loads(data)
     assert outcome == "success" and value["value"] == 1.5 and value["fn"](2) == 6
+
+
+def test_a_warm_workers_paged_optimizer_reuses_the_last_trials_state_buffers(monkeypatch):
+    """bitsandbytes' paged optimizers put each large state in CUDA managed memory and never free it: on a worker
+    each trial's Adam moments stayed allocated. Through qlora_exp.paged a trial's optimizer (bitsandbytes' own
+    init_state) takes the buffers the last trial gave back, zeroed, and allocates only shapes it has not had."""
+    import torch
+
+    from qlora_exp import paged
+    from qlora_exp.quiet import import_bitsandbytes
+
+    import_bitsandbytes()
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as F
+    from bitsandbytes.functional import GlobalPageManager
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    made = []
+
+    def get_paged(*shape, dtype, device):  # cudaMallocManaged, as a CPU tensor that records each allocation
+        made.append(torch.full(shape, 7.0, dtype=dtype))
+        return made[-1]
+
+    monkeypatch.setattr(F, "get_paged", get_paged)
+    monkeypatch.setattr(F, "fill", lambda t, v: t.fill_(v))
+    monkeypatch.setattr(Optimizer8bit, "get_state_buffer", Optimizer8bit.get_state_buffer)  # undone afterwards
+    monkeypatch.setattr(paged, "POOL", paged.PagedPool())
+    manager = GlobalPageManager.get_instance()
+    monkeypatch.setattr(manager, "paged_tensors", [])
+    assert paged.install()
+
+    class CudaParam:  # what init_state reads of a parameter on a GPU
+        def __init__(self, *shape):
+            self.shape, self.device = torch.Size(shape), torch.device("cuda", 0)
+
+        def numel(self):
+            return self.shape.numel()
+
+    def trial(*shapes):
+        opt = bnb.optim.PagedAdamW([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+        params = [CudaParam(*s) for s in shapes]
+        for p in params:
+            opt.init_state(opt.param_groups[0], p, 0, 0)
+        return [(opt.state[p]["state1"], opt.state[p]["state2"]) for p in params]
+
+    trial((16, 14336), (16, 14336), (14336, 8))
+    assert len(made) == 6 and len(manager.paged_tensors) == 6
+    for t in made:
+        t.fill_(3.0)  # what the first trial's steps left in its moments
+    assert paged.POOL.give_back() == 6
+    second = trial((16, 14336), (14336, 8), (14336, 32))
+    assert len(made) == 8 and len(manager.paged_tensors) == 8  # only the new shape was allocated
+    reused = {id(t) for pair in second[:2] for t in pair}
+    assert reused <= {id(t) for t in made[:6]} and len(reused) == 4
+    assert all(float(t.abs().max()) == 0.0 for pair in second for t in pair)  # zeroed, as a new state is
+    assert paged.POOL.held_bytes() == sum(t.numel() * 4 for t in made)
