@@ -17,6 +17,7 @@ trial cold and third on a warm worker, the same eval loss).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -451,12 +452,19 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
         fed.remove()
         if depth:
             depth.remove()
-        ckpt = out / "checkpoints"  # the Trainer's output_dir: made even when no checkpoint is saved
-        if ckpt.is_dir() and not any(ckpt.iterdir()):
-            ckpt.rmdir()
+        drop_empty_checkpoints(out / "checkpoints")
     return Run(trainer, metrics, stop_reason, setup_s, counts["rows"], counts["positions"],
                int(last.rsplit("-", 1)[-1]) if last else None, bool(reused), counts["largest"],
                depth.seen if depth else None, paged.POOL.allocated - paged_before)
+
+
+def drop_empty_checkpoints(folder: Path) -> None:
+    """The Trainer's output_dir, made even when no checkpoint is saved, removed when empty: by rank 0 alone, and a
+    folder gone or filled meanwhile is left as it is (the ranks of a multi-process trial share it: two removing it
+    at once failed the second)."""
+    if is_rank(0) and folder.is_dir() and not any(folder.iterdir()):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _fed_ids(module, args, kwargs):
