@@ -345,8 +345,7 @@ def _on_device_of(model):
 
 def release(base: Base, model) -> None:
     """Take the trial's adapters off the base (peft's unload: each LoRA layer back to the layer it wrapped) and let
-    the trial's trainer, optimizer and activations go. torch's allocator keeps the memory they had, cached for the
-    next trial on this base (its first steps then map no new memory); a base let go gives it back (forget_warm)."""
+    the trial's trainer, optimizer and activations go."""
     if model is not None and hasattr(model, "unload"):
         inner = model.unload()
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -354,7 +353,7 @@ def release(base: Base, model) -> None:
                 delattr(inner, attr)
         base.model = inner
     WARM.trials += 1
-    gc.collect()
+    _free_memory()
     paged.POOL.give_back()  # its paged optimizer states: the next trial's (qlora_exp.paged)
 
 
