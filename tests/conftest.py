@@ -24,14 +24,16 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-import pytest  # noqa: E402  (after the thread share: transformers below imports torch)
+from qlora_exp.quiet import import_bitsandbytes  # noqa: E402  (after the thread share: it imports torch)
+
+import_bitsandbytes()  # as a trial does, before transformers (which imports it): the tests' own imports of it ask
+# the hub for no CPU kernel
+
+import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import qlora_exp  # noqa: F401,E402  (resolvers)
-from qlora_exp.quiet import import_bitsandbytes  # noqa: E402
-
-import_bitsandbytes()  # as a trial does: the tests' own imports of it ask the hub for no CPU kernel
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
