@@ -73,8 +73,8 @@ def sweep(mode: str, grid: list[str], extra: list[str], root: Path, profile: Pat
                        "first_step_s": m["first_step_at"] - asked, "train_loop_s": m["train_loop_s"],
                        "train_time_s": m["train_time_s"], "tokens": m["train_tokens"],
                        "steady_tokens_per_s": m["steady_tokens_per_s"], "ready_from_process_s":
-                       m["ready_at"] - m["process_started_at"], "memory_at_start_gb": m.get("memory_at_start_gb"), "device_used_at_start_gb": m.get("device_used_at_start_gb"),
-                       "paged_states": m.get("paged_states"),
+                       m["ready_at"] - m["process_started_at"], "memory_at_start_gb": m.get("memory_at_start_gb"),
+                       "device_used_at_start_gb": m.get("device_used_at_start_gb"), "paged_states": m.get("paged_states"),
                        "peak_memory_gb": m.get("peak_memory_gb"), "eval_loss": m.get("eval_loss"),
                        "worker": t.user_attrs.get("worker_job"),
                        "launch_s": m["started_at"] - asked, "phase_s": m.get("phase_s"),

@@ -130,3 +130,17 @@ def test_a_deferred_compile_happens_once_with_the_same_arguments():
     assert deferred(3) == ("compiled", 6) and deferred(4) == ("compiled", 8) and decorated(1) == ("compiled", 2)
     assert made == [{"dynamic": False}, {"dynamic": True}]  # once each, with what bitsandbytes asked for
     assert deferred.__name__ == "double"
+
+
+def test_the_tests_own_process_imports_bitsandbytes_without_asking_the_hub(tmp_path):
+    """tests/conftest.py, which every test process (pytest's, each xdist worker's) loads first, imports bitsandbytes
+    through the guard: transformers imported before it brings bitsandbytes in unguarded (it looks for it)."""
+    env = fake_kernels_env(tmp_path)
+    control = python("import bitsandbytes", env)
+    assert control.returncode == 0, control.stderr[-2000:]
+    if not calls(tmp_path):
+        pytest.skip("bitsandbytes asks for no hub kernel on this CPU (no AVX512-BF16)")
+    (tmp_path / "calls.txt").unlink()
+    loaded = python("import sys; import tests.conftest; print('bitsandbytes' in sys.modules)", env)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split()[-1] == "True" and calls(tmp_path) == [], (calls(tmp_path), loaded.stderr[-1500:])
