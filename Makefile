@@ -4,6 +4,8 @@ SEARCH ?= rank_alpha_lr
 ARGS ?=
 # test processes (pytest-xdist) for `make test`: most of the suite waits on trial processes, SLURM and sleeps
 TEST_JOBS ?= 2
+# the real Unsloth for tests/test_engines.py (trainer.engine=unsloth), in a folder of its own: scripts/unsloth/site.sh
+UNSLOTH_SITE ?= .cache/unsloth-site
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep grid test test-processes test-fast lint tb report slurm-sweep sweep-status slurm-up slurm-down db-up db-down clean
@@ -24,8 +26,8 @@ grid: ## A grid sweep over ranks: three trials
 sweep: ## An Optuna sweep with pruning (SEARCH=rank_alpha_lr | lr_only | targets)
 	$(PYTHON) -m qlora_exp -m search=$(SEARCH) $(ARGS)
 
-test: ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest, with sweep workers (the default); then the sweep-loop tests again with a process per trial
-	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20
+test: $(UNSLOTH_SITE) ## The whole test suite (the README's test command): the fast tier first (a failure shows in a minute), then the rest, with sweep workers (the default); then the sweep-loop tests again with a process per trial
+	QLORA_EXP_TEST_UNSLOTH_SITE=$(abspath $(UNSLOTH_SITE)) $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20
 	$(MAKE) --no-print-directory test-processes
 
 test-processes: ## The sweep-semantics, concurrency, recovery and driver-signal tests again with hydra.sweeper.mode=processes (those pinned to it already ran)
@@ -33,6 +35,9 @@ test-processes: ## The sweep-semantics, concurrency, recovery and driver-signal 
 		tests/test_recovery.py tests/test_sweeper.py::test_killed_driver_resumes_without_rerunning_finished_trials \
 		tests/test_faults.py::test_sigterm_of_the_driver_cancels_its_trial_marks_it_fail_and_queues_one_retry \
 		-m "slow and not pins_mode"
+
+$(UNSLOTH_SITE): scripts/unsloth/site.sh
+	bash scripts/unsloth/site.sh $@
 
 test-fast: ## Tests that start no trial and no driver (under a minute)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_exp import paged
+from qlora_exp import engines, paged
 from qlora_exp.builders import build_lora_config, build_quantization_config, build_sft_config, resolve_precision
 from qlora_exp.data import load_rows
 from qlora_exp.device import DeviceInfo, probe_device
@@ -67,6 +67,11 @@ class Plan:
     depth_by_tokens: tuple[int, ...] | None = None
     world_size: int = 1             # processes of the trial (trainer.gpus); micro_batch_size and grad_accum are each one's
     eval_batch_size: int | None = None  # one process's micro-batch: the evaluation's batches are the same on N ranks
+    engine: str = "hf"              # trainer.engine as it runs: hf, or unsloth and its version (qlora_exp.engines)
+
+    @property
+    def unsloth(self) -> bool:
+        return self.engine.startswith("unsloth")
 
     @property
     def partial_checkpointing(self) -> bool:
@@ -80,10 +85,13 @@ def plan_trial(cfg: DictConfig) -> Plan:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = probe_device()
     check_config(cfg, device)
+    engine = engines.start(cfg)  # Unsloth, when asked for, imported before the trial imports trl and peft
+    unsloth = engine != "hf"
     targets = tuple(resolve_target_modules(cfg))
     optim, fallback = optimizer_for_device(cfg.optimizer.name, device)
     precision = resolve_precision(cfg.trainer.precision, device)
-    fused, fused_note = resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
+    fused, fused_note = (False, "off: Unsloth's own kernels (trainer.engine=unsloth)") if unsloth else \
+        resolve_fused_kernels(cfg.trainer.fused_kernels, cfg.model.architecture, device.cuda)
     tr = cfg.trainer
     offload = tr.get("offload_checkpoints", False)  # auto: where the memory plan finds a faster step with it
     memory = plan_memory(cfg, device, fused, offload)
@@ -92,19 +100,20 @@ def plan_trial(cfg: DictConfig) -> Plan:
     accum = memory.grad_accum if memory else tr.batch_size * tr.grad_accum // micro
     ckpt = memory.gradient_checkpointing if memory else bool(tr.gradient_checkpointing)
     layers = memory.checkpointed_layers if memory else tr.get("checkpointed_layers")
-    layers = layers if ckpt else None
+    layers = layers if ckpt and not unsloth else None  # Unsloth recomputes every layer or none
     world, eval_batch = int(tr.get("gpus", 1) or 1), micro
     if world > 1:  # each rank 1/N of every step's examples (qlora_exp.distributed)
         micro, accum = rank_split(micro, accum, world)
-    packing = layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing else "off"
+    packing = layout_for(tr.packing_layout, cfg.model.attn_implementation) if tr.packing and not unsloth else "off"
     base = {"model": _plain(cfg.model), "quantization": _plain(cfg.quantization), "precision": precision,
-            "fused": fused, "cuda": device.cuda,  # checkpointing is set per trial (set_checkpointing), not kept
+            "fused": fused, "cuda": device.cuda, "engine": engine,  # checkpointing is set per trial, not kept
             "cache_dir": str(cfg.paths.cache_dir)}
     data = {"data": _plain(cfg.data), "seed": tr.seed, "max_length": tr.max_length,
             "paths": [str(cfg.paths.data_dir), str(cfg.paths.cache_dir)]}
     return Plan(device, targets, optim, precision, fused, fused_note, micro, accum, ckpt, layers, offload and ckpt,
                 bool(tr.get("compile_layers", False)), packing, memory.note if memory else None, _key(base), _key(data),
-                tuple(n for n in (fallback,) if n), memory.max_tokens if memory and ckpt else None, world, eval_batch)
+                tuple(n for n in (fallback,) if n), memory.max_tokens if memory and ckpt and not unsloth else None,
+                world, eval_batch, engine)
 
 
 def _plain(node) -> Any:
@@ -125,6 +134,7 @@ class Base:
     quantized: dict | None
     load_s: float                   # how long building it took (0 when it was warm)
     warm: bool = False
+    unsloth: bool = False           # loaded by Unsloth: not kept for the next trial (qlora_exp.engines)
 
 
 @dataclass
@@ -197,7 +207,7 @@ def build_base(cfg: DictConfig, plan: Plan, train_rows: list[dict], eval_rows: l
     check_lengths(cfg, train_rows, eval_rows, tokenizer)  # done before the trial when its tokenizer was at hand
     model = _load_model(cfg, plan, source)
     WARM.base = Base(plan.base_key, model, tokenizer, source, quantized_layers(model),
-                     round(time.perf_counter() - start, 2))
+                     round(time.perf_counter() - start, 2), unsloth=plan.unsloth)
     keep_out_of_collections()
     return WARM.base
 
@@ -213,6 +223,13 @@ def _load_model(cfg: DictConfig, plan: Plan, source: str):
     quant = build_quantization_config(cfg.quantization, compute_dtype)
     dtype = torch_dtype(cfg.model.dtype, device.bf16) if quant is None else compute_dtype
     device_map = {"": torch.cuda.current_device()} if device.cuda else None
+    if plan.unsloth:  # Unsloth's model, kernels and preparation for k-bit training (qlora_exp.engines)
+        model = engines.load_unsloth_base(cfg, source, quant, dtype, prequantized=quantized_build(cfg.model))
+        model.config.use_cache = False
+        keep_trainable_layout(model)
+        model.qlora_exp_came_from = f"loaded from {source} by {plan.engine}"
+        log.info("base %s", model.qlora_exp_came_from)
+        return model
     if quant is not None and quantized_build(cfg.model):  # built in 4 bits: its config.json says how (source's own)
         model, came_from = load_base_model(source, cfg.model, None, dtype, device_map), f"loaded from {source} (built in 4 bits)"
     elif quant is not None and cfg.quantization.get("cache", False) and cfg.quantization.method in ("nf4", "fp4"):
@@ -324,8 +341,11 @@ def attach_adapter(base: Base, cfg: DictConfig, plan: Plan):
     from peft import get_peft_model
     from transformers import set_seed
 
-    set_checkpointing(base.model, plan)
     set_seed(cfg.trainer.seed)  # here, not earlier: building a random-weight base model draws from the same RNG
+    if plan.unsloth:  # its get_peft_model, its recomputation ("unsloth": offloaded)
+        return engines.attach_unsloth_adapter(base.model, cfg, plan.target_modules, engines.unsloth_checkpointing(
+            plan.gradient_checkpointing, plan.offload_checkpoints))
+    set_checkpointing(base.model, plan)
     with _on_device_of(base.model):
         model = get_peft_model(base.model, build_lora_config(cfg.lora, list(plan.target_modules)))
     compile_layers(model, plan.compile_layers)
@@ -346,6 +366,10 @@ def _on_device_of(model):
 def release(base: Base, model) -> None:
     """Take the trial's adapters off the base (peft's unload: each LoRA layer back to the layer it wrapped) and let
     the trial's trainer, optimizer and activations go."""
+    if base.unsloth:  # Unsloth's patched base is not kept: the next trial loads its own
+        WARM.trials += 1
+        forget_warm()
+        return
     if model is not None and hasattr(model, "unload"):
         inner = model.unload()
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -400,7 +424,7 @@ def train(cfg: DictConfig, plan: Plan, base: Base, model, out: Path, board, trai
     args = build_sft_config(cfg, str(out / "checkpoints"), plan.optimizer, plan.precision, use_cpu=not plan.device.cuda,
                             micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
                             checkpointing=plan.gradient_checkpointing and not (plan.partial_checkpointing or plan.offload_checkpoints
-                                                                                or plan.depth_by_tokens),
+                                                                                or plan.depth_by_tokens or plan.unsloth),
                             # (the Trainer would set torch's checkpoint on every layer again)
                             prepared=tokenized is not None, eval_batch_size=plan.eval_batch_size,
                             world_size=plan.world_size)
@@ -606,6 +630,7 @@ def collect(cfg: DictConfig, plan: Plan, base: Base, model, run: Run, out: Path,
 def note_plan(plan: Plan) -> None:
     for note in plan.notes:  # one log line each (a UserWarning as well printed it twice)
         log.warning(note)
-    for note in (f"fused kernels: {plan.fused_note}", plan.memory_note):
+    for note in (f"engine: {plan.engine}" if plan.unsloth else None, f"fused kernels: {plan.fused_note}",
+                 plan.memory_note):
         if note:
             log.info(note)

@@ -81,6 +81,7 @@ class TrialResult:
                                           # the allocator does not count (managed memory, other processes)
     paged_states: dict | None = None      # a paged optimizer's state buffers: how many, how many newly allocated (a
                                           # warm worker's trial reuses the last one's: qlora_exp.paged), the pool's GiB
+    engine: str | None = None             # trainer.engine as it ran: hf, or unsloth and its version
     error: str | None = None
 
     def write(self, path: Path) -> None:
@@ -119,7 +120,7 @@ def run_trial(cfg: DictConfig) -> TrialResult:
                          compile_layers=plan.compile_layers, packing=plan.packing,
                          fused_kernels=plan.fused_note, memory_plan=plan.memory_note, started_at=round(start, 3),
                          process_started_at=_process_start(), trial_in_process=recipe.WARM.trials + 1,
-                         world_size=plan.world_size)
+                         world_size=plan.world_size, engine=plan.engine)
     from qlora_exp.callbacks import TrialBoard  # after the checks: it imports transformers
     from sweeper.tensorboard import ROW_FILE
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qlora_exp.device import DeviceInfo
+from qlora_exp.engines import check_engine
 from qlora_exp.errors import ConfigError
 from qlora_exp.packing import LAYOUTS
 
@@ -191,6 +192,7 @@ def check_config(cfg: DictConfig, device: DeviceInfo) -> None:
     if data.eval_path is None and data.source == "jsonl":
         _number("data.eval_fraction", data.eval_fraction, low=0, low_open=True, high=1, high_open=True)
     _one_of("objective", cfg.objective, OBJECTIVES)
+    check_engine(cfg)  # trainer.engine, and what Unsloth does not take
 
 
 def check_pretrain(m: DictConfig) -> None:
@@ -352,6 +354,7 @@ def trial_tokenizer(cfg: DictConfig):
         return None
 
 
+_ENGINES_SEEN: dict[str, set] = {}  # check_trial's trainer.engine values, per sweep folder
 _TRIAL_INPUTS: dict[str, tuple] = {}  # check_trial's rows and tokenizer, per model, data and paths config
 
 
@@ -367,6 +370,7 @@ def check_trial(cfg: DictConfig) -> None:
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.set_struct(task, False)
     task.paths.output_dir = str(Path(task.paths.output_root) / "runs" / "check")  # ${hydra:...} has no value yet
+    _one_engine_per_worker(cfg, task)
     check_config(task, DeviceInfo(cuda=True, bf16=True, n_gpus=None, name="the trial's machine"))
     if task.data.source == "jsonl":  # max_length against the rows (a sweep over it, or over the data or the model)
         import json
@@ -378,3 +382,15 @@ def check_trial(cfg: DictConfig) -> None:
         if key not in _TRIAL_INPUTS:
             _TRIAL_INPUTS[key] = (*load_rows(task.data, task.trainer.seed), trial_tokenizer(task))
         check_lengths(task, *_TRIAL_INPUTS[key])
+
+
+def _one_engine_per_worker(cfg: DictConfig, task: DictConfig) -> None:
+    """A sweep of both engines runs a process per trial: Unsloth patches transformers' model classes for the whole
+    process that imports it, so a sweep worker's hf trials after an Unsloth one would run Unsloth's code."""
+    seen = _ENGINES_SEEN.setdefault(str(cfg.hydra.sweep.dir), set())
+    seen.add(task.trainer.get("engine", "hf"))
+    mode = cfg.hydra.sweeper.get("mode")
+    if len(seen) > 1 and mode == "workers":
+        raise ConfigError("hydra.sweeper.mode", mode, "processes in a sweep of both engines (trainer.engine="
+                          f"{','.join(sorted(seen))}): Unsloth patches transformers' models for the whole process, "
+                          "so a worker's hf trials after an Unsloth one would run Unsloth's code")
