@@ -76,7 +76,13 @@ RECIPE_VARIANTS = {"recipe": [], "recipe_best_24g": ["--packing", "--bs", "8", "
 # the peer (../shared/bench/unsloth_recipe.py): 8 examples in one micro-batch, its three checkpointing choices
 UNSLOTH_VARIANTS = {"unsloth": ["--ckpt", "unsloth"], "unsloth_ckpt": ["--ckpt", "true"],
                     "unsloth_nockpt": ["--ckpt", "none"]}
-FULL_LENGTH = ("recipe", "runner_as_written", "fast", *UNSLOTH_VARIANTS)  # the others run --explore-steps
+# trainer.engine=unsloth: qlora_exp's trial with Unsloth loading the base and attaching the adapters (run with
+# --unsloth-path first on PYTHONPATH); a choice for users, not counted as qlora_exp's in the budget table
+ENGINE_VARIANTS = {"engine_unsloth": ["trainer.engine=unsloth"],
+                   "engine_unsloth_nockpt": ["trainer.engine=unsloth", "trainer.micro_batch_size=8",
+                                             "trainer.gradient_checkpointing=false", "trainer.memory_budget_gb=null"]}
+VARIANTS.update(ENGINE_VARIANTS)
+FULL_LENGTH = ("recipe", "runner_as_written", "fast", *UNSLOTH_VARIANTS, *ENGINE_VARIANTS)  # the others run --explore-steps
 
 
 # the levers of issue #15, each a variant of every budget: budget_24_offload, budget_24_compile, ...
@@ -112,7 +118,8 @@ def budget_table(results: dict, runs: dict, budgets: str) -> list[str]:
             ok = [(n, results[n]) for n in names if results.get(n, {}).get("status") == "complete"
                   and results[n]["peak_gb"] <= cap]
             return max(ok, key=lambda nr: nr[1]["tokens_per_s"], default=(None, None))
-        ours, o = best([n for n in results if n not in UNSLOTH_VARIANTS and n not in RECIPE_VARIANTS])
+        ours, o = best([n for n in results if n not in UNSLOTH_VARIANTS and n not in RECIPE_VARIANTS
+                        and n not in ENGINE_VARIANTS])
         theirs, t = best([n for n in results if n in UNSLOTH_VARIANTS])
         cell = lambda n, r: (n, f"{r['tokens_per_s']:.0f}", f"{r['peak_gb']:.2f}") if r else ("none fits", "-", "-")  # noqa: E731
         ratio = f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}" if o and t else "-"
@@ -195,13 +202,16 @@ def trial_run(name: str, steps: int, common: list, a, suffix: str = "") -> dict:
                  f"+callbacks.profile.out={a.out / (name + '.profile.txt')}"]
     rc, text = run([sys.executable, "-m", "qlora_exp", *common, f"trainer.max_steps={steps}", *VARIANTS[name],
                     *extra, f"hydra.run.dir={run_dir}"], a.out / f"{name}{suffix}.log", a.timeout,
-                   env={"TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                   env={"TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
+                       p for p in (a.unsloth_path if name in ENGINE_VARIANTS else "", str(REPO),
+                                   os.environ.get("PYTHONPATH", "")) if p)})
     m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     if rc or m.get("status") != "complete":
         return {"status": "failed", "error": m.get("error") or last_error(text)}
     return {"status": "complete", "tokens_per_s": m["steady_tokens_per_s"], "peak_gb": m["peak_memory_gb"],
             "reserved_gb": m.get("peak_memory_reserved_gb"), "split": f"{m['micro_batch_size']} x {m['grad_accum']}",
-            "ckpt": checkpointing(m), "packing": m["packing"], "fused": m["fused_kernels"].split(":")[0],
+            "ckpt": checkpointing(m), "packing": m["packing"],
+            "fused": m["engine"] if m.get("engine", "hf") != "hf" else m["fused_kernels"].split(":")[0],
             "steps": m["steps"], "loss_history": m["loss_history"], "memory_plan": m.get("memory_plan"),
             "eval_loss": m["eval_loss"], "largest_micro_batch": m.get("largest_micro_batch_tokens"),
             "estimate_seen_gb": seen_estimate(run_dir, m)}

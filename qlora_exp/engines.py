@@ -9,7 +9,7 @@
 With Unsloth the trial is still this project's: the same config, checks, data, trl SFTTrainer, optimizer, schedule,
 TensorBoard run, metrics.json and sweep. Unsloth decides what it decides for its own users: its kernels (Liger's are
 not applied), its checkpointing (every layer: `"unsloth"`, which offloads, where the memory plan offloads; `True`
-otherwise), its padding-free batching (this project's packing is off). A warm sweep worker does not keep an Unsloth
+otherwise), its own batching (padding-free where it picks it; this project's packing is off). A warm sweep worker does not keep an Unsloth
 base between trials (Unsloth patches the model it gives out, and unloading its adapters is not part of its API): each
 trial loads it again.
 """
