@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import types
@@ -78,7 +79,7 @@ class InProcessJob:
         self.paths.folder.mkdir(parents=True, exist_ok=True)
         # what the trial writes to stderr (warnings, progress bars, a thread's traceback) goes to its own file, as a
         # trial process's goes to submitit's log: the terminal keeps the sweep's lines
-        err = open(self.paths.folder / f"{self.job_id}_log.err", "a")  # noqa: SIM115  (closed below)
+        err = _TrialStderr(self.paths.folder / f"{self.job_id}_log.err")  # (closed below)
         try:
             with contextlib.redirect_stderr(err):
                 value = self._fn(*self._args)
@@ -117,6 +118,32 @@ class InProcessJob:
 
     def cancel(self, check: bool = True) -> None:  # noqa: ARG002  (submitit's signature)
         self.cancelled = True
+
+
+class _TrialStderr:
+    """A trial's stderr file. A thread of the trial that took `sys.stderr` while the trial ran and writes after it
+    ended (TensorBoard's writer failing on a full disk, a thread's traceback) writes to the worker's own stderr
+    instead of raising on the closed file (which printed "Exception in threading.excepthook" and a traceback)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a")  # noqa: SIM115  (closed by close())
+
+    def write(self, text: str) -> int:
+        try:
+            return self._file.write(text)
+        except ValueError:  # closed: the trial has ended
+            late = sys.__stderr__
+            return late.write(text) if late is not None else len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding...: the file's own
+        return getattr(self._file, name)
 
 
 def _dumps(obj) -> bytes:

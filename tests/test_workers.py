@@ -357,3 +357,39 @@ def test_a_warm_workers_paged_optimizer_reuses_the_last_trials_state_buffers(mon
     assert reused <= {id(t) for t in made[:6]} and len(reused) == 4
     assert all(float(t.abs().max()) == 0.0 for pair in second for t in pair)  # zeroed, as a new state is
     assert paged.POOL.held_bytes() == sum(t.numel() * 4 for t in made)
+
+
+def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(tmp_path):
+    """A thread that took the trial's stderr (its own log file) while the trial ran and writes after the trial ended
+    (TensorBoard's writer on a full disk did, in tests/test_faults.py) gets no "I/O operation on closed file": the
+    late line goes to the worker's own stderr."""
+    import sys
+    import threading
+
+    from sweeper.workers import InProcessJob
+
+    grabbed, release, written, errors = threading.Event(), threading.Event(), threading.Event(), []
+
+    def late_writer():
+        stream = sys.stderr  # the trial's, while it runs
+        grabbed.set()
+        release.wait(10)
+        try:
+            stream.write("a late line\n")
+            stream.flush()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        written.set()
+
+    def trial():
+        threading.Thread(target=late_writer, daemon=True).start()
+        grabbed.wait(10)
+        print("the trial's line", file=sys.stderr)
+        return 7
+
+    job = InProcessJob(trial, (), tmp_path, "5", (lambda: None, 60))
+    assert job.done() and job.result() == 7
+    release.set()
+    assert written.wait(10)
+    assert errors == []
+    assert (tmp_path / "5_log.err").read_text() == "the trial's line\n"
