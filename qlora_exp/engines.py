@@ -1,7 +1,7 @@
 """`trainer.engine`: what loads the quantized base and attaches the LoRA adapters.
 
     hf       transformers + bitsandbytes + peft, with this project's kernels, packing and memory plan (the default)
-    unsloth  Unsloth's FastLanguageModel: its patched model, LoRA kernels, checkpointing and padding-free batches,
+    unsloth  Unsloth's FastLanguageModel: its patched model, LoRA kernels, checkpointing and batching,
              for users who already train with it (axolotl and LLaMA-Factory offer the same switch)
 
     python -m qlora_exp trainer.engine=unsloth           # pip install 'qlora_exp[unsloth]', on a CUDA GPU machine
@@ -9,9 +9,9 @@
 With Unsloth the trial is still this project's: the same config, checks, data, trl SFTTrainer, optimizer, schedule,
 TensorBoard run, metrics.json and sweep. Unsloth decides what it decides for its own users: its kernels (Liger's are
 not applied), its checkpointing (every layer: `"unsloth"`, which offloads, where the memory plan offloads; `True`
-otherwise), its own batching (padding-free where it picks it; this project's packing is off). A warm sweep worker does not keep an Unsloth
-base between trials (Unsloth patches the model it gives out, and unloading its adapters is not part of its API): each
-trial loads it again.
+otherwise), its own batching (padding-free where it picks it; this project's packing is off). A warm sweep worker
+does not keep an Unsloth base between trials (Unsloth patches the model it gives out, and unloading its adapters is
+not part of its API): each trial loads it again.
 """
 from __future__ import annotations
 
