@@ -39,12 +39,19 @@ def cache_folder(setting: str | bool | None) -> Path | None:
     return Path(str(setting)).expanduser().absolute()
 
 
-def cache_bytecode(setting: str | bool | None) -> Path | None:
+_UNSAID: list[str] = []  # what an early call (the command's checks, before Hydra's logging) leaves the sweeper to say
+
+
+def cache_bytecode(setting: str | bool | None, *, say: bool = True) -> Path | None:
     """Point this process's later imports, and every process it starts (local workers and trials; SLURM jobs,
-    which sbatch gives this environment), at the bytecode cache."""
+    which sbatch gives this environment), at the bytecode cache. `python -m qlora_exp -m ...` calls it before its
+    command checks (say=False: Hydra's logging is not set up yet), which import transformers and torch; the
+    sweeper's own call then finds the environment set and says what the first call did."""
     folder = cache_folder(setting)
     if folder is None:
-        return None
+        if say and _UNSAID:
+            log.info(_UNSAID.pop())
+        return Path(sys.pycache_prefix) if setting and sys.pycache_prefix else None  # set by the early call, if any
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a cache is a speed-up: a sweep without one still runs
@@ -52,8 +59,12 @@ def cache_bytecode(setting: str | bool | None) -> Path | None:
                  folder, e.strerror)
         return None
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
-        log.info("PYTHONDONTWRITEBYTECODE is set: trial processes cache their bytecode in %s instead of compiling "
-                 "torch and the rest at every start (hydra.sweeper.bytecode_cache=false: off)", folder)
+        note = (f"PYTHONDONTWRITEBYTECODE is set: trial processes cache their bytecode in {folder} instead of "
+                "compiling torch and the rest at every start (hydra.sweeper.bytecode_cache=false: off)")
+        if say:
+            log.info(note)
+        else:
+            _UNSAID.append(note)
     os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
     sys.pycache_prefix, sys.dont_write_bytecode = str(folder), False  # the driver's own later imports (a worker)
     return folder

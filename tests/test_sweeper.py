@@ -185,3 +185,19 @@ def test_bad_sweeper_settings_are_one_line_errors(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
         assert not (tmp_path / "outputs" / "optuna.db").exists() or not optuna.get_all_study_names(
             f"sqlite:///{tmp_path}/outputs/optuna.db")
+
+
+def test_a_sweeps_checks_import_torch_from_the_bytecode_cache(tmp_path, cache_dir):
+    """With PYTHONDONTWRITEBYTECODE set, the command's checks (the tokenizer for the length check imports
+    transformers and torch) ran before the sweeper pointed the driver at its bytecode cache, and with one worker the
+    driver is the worker: torch compiled from source at every sweep (8.1 s of the H100's 18 s first ask)."""
+    folder = tmp_path / "xdg" / "qlora_exp" / "pycache"
+    proc = run_cli(["-m", "lora.r=8", "trainer.max_steps=1", "trainer.save_adapter=false",
+                    f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"], tmp_path, cache_dir,
+                   env={"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count(f"PYTHONDONTWRITEBYTECODE is set: trial processes cache their bytecode in {folder}") == 1, out[-3000:]
+    assert "1/1 finished: 1 complete" in out, out[-3000:]
+    for module in ("torch/__init__", "transformers/configuration_utils", "transformers/tokenization_utils_base"):
+        assert list(folder.rglob(f"{module}.*.pyc")), module
