@@ -122,16 +122,24 @@ class InProcessJob:
 
 class _TrialStderr:
     """A trial's stderr file. A thread of the trial that took `sys.stderr` while the trial ran and writes after it
-    ended (TensorBoard's writer failing on a full disk, a thread's traceback) writes to the worker's own stderr
-    instead of raising on the closed file (which printed "Exception in threading.excepthook" and a traceback)."""
+    ended (TensorBoard's writer failing on a full disk, a thread's traceback) still writes to this file, appended,
+    instead of raising on the closed file (which printed "Exception in threading.excepthook" and a traceback). It
+    used to go to the worker's own stderr: a traceback cut by the trial's end then put its last frames on the
+    sweep's terminal. Only a file that cannot be written any more sends it there."""
 
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._file = open(path, "a")  # noqa: SIM115  (closed by close())
 
     def write(self, text: str) -> int:
         try:
             return self._file.write(text)
         except ValueError:  # closed: the trial has ended
+            pass
+        try:
+            with open(self._path, "a") as late:
+                return late.write(text)
+        except OSError:
             late = sys.__stderr__
             return late.write(text) if late is not None else len(text)
 

@@ -359,10 +359,11 @@ def test_a_warm_workers_paged_optimizer_reuses_the_last_trials_state_buffers(mon
     assert paged.POOL.held_bytes() == sum(t.numel() * 4 for t in made)
 
 
-def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(tmp_path):
+def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(tmp_path, capfd):
     """A thread that took the trial's stderr (its own log file) while the trial ran and writes after the trial ended
     (TensorBoard's writer on a full disk did, in tests/test_faults.py) gets no "I/O operation on closed file": the
-    late line goes to the worker's own stderr."""
+    late line is appended to the trial's file, and none of it reaches the worker's stderr (the sweep's terminal: a
+    traceback cut by the trial's end put its last frames there, and CI's one-line check failed on them)."""
     import sys
     import threading
 
@@ -392,4 +393,5 @@ def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(
     release.set()
     assert written.wait(10)
     assert errors == []
-    assert (tmp_path / "5_log.err").read_text() == "the trial's line\n"
+    assert (tmp_path / "5_log.err").read_text() == "the trial's line\na late line\n"
+    assert "a late line" not in capfd.readouterr().err
