@@ -42,11 +42,12 @@ def cache_folder(setting: str | bool | None) -> Path | None:
 _UNSAID: list[str] = []  # what an early call (the command's checks, before Hydra's logging) leaves the sweeper to say
 
 
-def cache_bytecode(setting: str | bool | None, *, say: bool = True) -> Path | None:
+def cache_bytecode(setting: str | bool | None, *, say: bool = True, single: bool = False) -> Path | None:
     """Point this process's later imports, and every process it starts (local workers and trials; SLURM jobs,
-    which sbatch gives this environment), at the bytecode cache. `python -m qlora_exp -m ...` calls it before its
+    which sbatch gives this environment), at the bytecode cache. `python -m qlora_exp` calls it before its
     command checks (say=False: Hydra's logging is not set up yet), which import transformers and torch; the
-    sweeper's own call then finds the environment set and says what the first call did."""
+    sweeper's own call, or a single run's trial (`say_early_note`), then says what that first call did. A single
+    run (`single`) is one process: its own imports are what the cache saves, from its second run on."""
     folder = cache_folder(setting)
     if folder is None:
         if say and _UNSAID:
@@ -59,7 +60,8 @@ def cache_bytecode(setting: str | bool | None, *, say: bool = True) -> Path | No
                  folder, e.strerror)
         return None
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
-        note = (f"PYTHONDONTWRITEBYTECODE is set: trial processes cache their bytecode in {folder} instead of "
+        who = "this run caches its" if single else "trial processes cache their"
+        note = (f"PYTHONDONTWRITEBYTECODE is set: {who} bytecode in {folder} instead of "
                 "compiling torch and the rest at every start (hydra.sweeper.bytecode_cache=false: off)")
         if say:
             log.info(note)
@@ -68,3 +70,9 @@ def cache_bytecode(setting: str | bool | None, *, say: bool = True) -> Path | No
     os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
     sys.pycache_prefix, sys.dont_write_bytecode = str(folder), False  # the driver's own later imports (a worker)
     return folder
+
+
+def say_early_note() -> None:
+    """What the command's early call left unsaid, once Hydra's logging is set up (a single run has no sweeper)."""
+    if _UNSAID:
+        log.info(_UNSAID.pop())

@@ -216,6 +216,7 @@ def cli_in_process(args, cwd: Path, env=None) -> subprocess.CompletedProcess:
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     old_cwd, old_argv, old_env = os.getcwd(), sys.argv, dict(os.environ)
+    old_bytecode = sys.pycache_prefix, sys.dont_write_bytecode  # a command's bytecode cache (sweeper/bytecode.py)
     try:
         os.chdir(cwd)
         sys.argv = ["qlora_exp", *args]
@@ -235,6 +236,7 @@ def cli_in_process(args, cwd: Path, env=None) -> subprocess.CompletedProcess:
         sys.argv = old_argv
         os.environ.clear()
         os.environ.update(old_env)
+        sys.pycache_prefix, sys.dont_write_bytecode = old_bytecode
         GlobalHydra.instance().clear()
     return subprocess.CompletedProcess(["qlora_exp", *args], code, out.getvalue(), err.getvalue())
 

@@ -187,17 +187,21 @@ def test_bad_sweeper_settings_are_one_line_errors(tmp_path):
             f"sqlite:///{tmp_path}/outputs/optuna.db")
 
 
-def test_a_sweeps_checks_import_torch_from_the_bytecode_cache(tmp_path, cache_dir):
+@pytest.mark.parametrize("mode", ["sweep", "single"])
+def test_a_sweeps_checks_import_torch_from_the_bytecode_cache(tmp_path, cache_dir, mode):
     """With PYTHONDONTWRITEBYTECODE set, the command's checks (the tokenizer for the length check imports
     transformers and torch) ran before the sweeper pointed the driver at its bytecode cache, and with one worker the
-    driver is the worker: torch compiled from source at every sweep (8.1 s of the H100's 18 s first ask)."""
+    driver is the worker: torch compiled from source at every sweep (8.1 s of the H100's 18 s first ask). A single
+    run (no -m) never used the cache at all: every `python -m qlora_exp` compiled the stack again."""
     folder = tmp_path / "xdg" / "qlora_exp" / "pycache"
-    proc = run_cli(["-m", "lora.r=8", "trainer.max_steps=1", "trainer.save_adapter=false",
-                    f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"], tmp_path, cache_dir,
+    args = ["lora.r=8", "trainer.max_steps=1", "trainer.save_adapter=false"]
+    sweep = ["-m", f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"] if mode == "sweep" else []
+    proc = run_cli([*sweep, *args], tmp_path, cache_dir,
                    env={"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert out.count(f"PYTHONDONTWRITEBYTECODE is set: trial processes cache their bytecode in {folder}") == 1, out[-3000:]
-    assert "1/1 finished: 1 complete" in out, out[-3000:]
+    who = "trial processes cache their" if mode == "sweep" else "this run caches its"
+    assert out.count(f"PYTHONDONTWRITEBYTECODE is set: {who} bytecode in {folder}") == 1, out[-3000:]
+    assert ("1/1 finished: 1 complete" if mode == "sweep" else "trial complete: eval_loss") in out, out[-3000:]
     for module in ("torch/__init__", "transformers/configuration_utils", "transformers/tokenization_utils_base"):
         assert list(folder.rglob(f"{module}.*.pyc")), module
