@@ -80,6 +80,7 @@ class InProcessJob:
         # what the trial writes to stderr (warnings, progress bars, a thread's traceback) goes to its own file, as a
         # trial process's goes to submitit's log: the terminal keeps the sweep's lines
         err = _TrialStderr(self.paths.folder / f"{self.job_id}_log.err")  # (closed below)
+        threading.excepthook = _thread_errors_to(err.path)  # a trial's thread that dies, whenever: into this log
         try:
             with contextlib.redirect_stderr(err):
                 value = self._fn(*self._args)
@@ -128,7 +129,7 @@ class _TrialStderr:
     sweep's terminal. Only a file that cannot be written any more sends it there."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        self.path = path
         self._file = open(path, "a")  # noqa: SIM115  (closed by close())
 
     def write(self, text: str) -> int:
@@ -137,7 +138,7 @@ class _TrialStderr:
         except ValueError:  # closed: the trial has ended
             pass
         try:
-            with open(self._path, "a") as late:
+            with open(self.path, "a") as late:
                 return late.write(text)
         except OSError:
             late = sys.__stderr__
@@ -152,6 +153,28 @@ class _TrialStderr:
 
     def __getattr__(self, name: str):  # fileno, isatty, encoding...: the file's own
         return getattr(self._file, name)
+
+
+def _thread_errors_to(path: Path):
+    """`threading.excepthook` for a worker: a thread's traceback goes whole, in one write, to the log of the trial
+    that ran last. A trial's thread can die as the trial ends (TensorBoard's writer on a full disk): the default
+    hook writes to `sys.stderr` as it is then, which after the trial is the worker's own, and with one worker that is
+    the sweep's terminal (CI saw a traceback's last frames there). Where the log cannot be written, the default hook."""
+
+    def hook(args) -> None:
+        import traceback
+
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        try:
+            with open(path, "a") as f:
+                f.write(f"Exception in thread {name}:\n{text}")
+        except OSError:
+            threading.__excepthook__(args)
+
+    return hook
 
 
 def _dumps(obj) -> bytes:

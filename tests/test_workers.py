@@ -370,6 +370,7 @@ def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(
     from sweeper.workers import InProcessJob
 
     grabbed, release, written, errors = threading.Event(), threading.Event(), threading.Event(), []
+    dying = []
 
     def late_writer():
         stream = sys.stderr  # the trial's, while it runs
@@ -382,8 +383,14 @@ def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(
             errors.append(e)
         written.set()
 
+    def late_death():  # a thread of the trial that dies after the trial ended: its traceback, whole, in the log
+        release.wait(10)
+        raise RuntimeError("a late death")
+
     def trial():
         threading.Thread(target=late_writer, daemon=True).start()
+        dying.append(threading.Thread(target=late_death, daemon=True))
+        dying[0].start()
         grabbed.wait(10)
         print("the trial's line", file=sys.stderr)
         return 7
@@ -392,6 +399,10 @@ def test_a_trials_thread_writing_to_stderr_after_the_trial_ended_does_not_raise(
     assert job.done() and job.result() == 7
     release.set()
     assert written.wait(10)
+    dying[0].join(10)
     assert errors == []
-    assert (tmp_path / "5_log.err").read_text() == "the trial's line\na late line\n"
-    assert "a late line" not in capfd.readouterr().err
+    text = (tmp_path / "5_log.err").read_text()
+    assert text.startswith("the trial's line\n") and "a late line\n" in text, text
+    assert "Traceback (most recent call last)" in text and "RuntimeError: a late death\n" in text, text
+    late = capfd.readouterr().err
+    assert "a late line" not in late and "late death" not in late, late
