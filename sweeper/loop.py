@@ -277,26 +277,33 @@ class Loop:
                           "queued again: rerun the same command to resume")
             return None
         folder = s.folder / str(trial.number)
-        try:
+        try:  # a pause between any two of these (SIGSTOP, a swapped-out machine) lets another driver take it over
             trial.set_user_attr("job_id", str(job.job_id))
-        except optuna.exceptions.UpdateFinishedTrialError:  # another driver took it over while this one was paused
+            for key, value in (("folder", str(folder)), ("slot", slot),
+                               ("result_path", str(job.paths.result_pickle)), ("job_kind", s.kind),
+                               ("job_folder", str(job.paths.folder)),
+                               ("overrides", [o for o in overrides
+                                              if not o.startswith(("+", "hydra.", f"{s.run_name_key}="))])):
+                trial.set_user_attr(key, value)
+            beat(study, [trial._trial_id], s.driver)
+            if self.worker_job is not None:
+                self.worker_job.current = trial.number
+                # the worker's own job: its SLURM job id, its local controller's pid, or this process (the driver's)
+                trial.set_user_attr("worker_job", os.environ.get("SLURM_JOB_ID") or os.environ.get(
+                    "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
+                if os.environ.get("SLURM_JOB_ID"):  # what `python -m sweeper.status` asks SLURM about
+                    trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
+        except optuna.exceptions.UpdateFinishedTrialError:  # another driver took it over and ended it meanwhile
+            if self.worker_job is not None and self.worker_job.current == trial.number:
+                self.worker_job.current = None
             job.cancel(check=False)
             log.warning("trial %d was taken over by another driver while this one was paused: its job is cancelled",
                         trial.number)
-            return None
-        for key, value in ( ("folder", str(folder)), ("slot", slot),
-                           ("result_path", str(job.paths.result_pickle)), ("job_kind", s.kind),
-                           ("job_folder", str(job.paths.folder)),
-                           ("overrides", [o for o in overrides if not o.startswith(("+", "hydra.", f"{s.run_name_key}="))])):
-            trial.set_user_attr(key, value)
-        beat(study, [trial._trial_id], s.driver)
-        if self.worker_job is not None:
-            self.worker_job.current = trial.number
-            # the worker's own job: its SLURM job id, its local controller's pid, or this process (the driver's own)
-            trial.set_user_attr("worker_job", os.environ.get("SLURM_JOB_ID") or os.environ.get(
-                "SUBMITIT_LOCAL_JOB_ID") or str(os.getpid()))
-            if os.environ.get("SLURM_JOB_ID"):  # what `python -m sweeper.status` asks SLURM about
-                trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
+            taken = True
+        else:
+            taken = False
+        if taken:  # the slot is still free: the next point, as a driver of several asks for it
+            return self.launch(slot)
         # a worker's loop has one slot of its own: its trials are told apart by the worker that runs them
         at = f"worker {trial.user_attrs['worker_job']}" if self.worker_job is not None else f"slot {slot}"
         log.info("trial %d started (%s, job %s): %s; its log: %s", trial.number, at, job.job_id,

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +145,41 @@ def test_a_paused_driver_and_a_second_driver_train_each_point_once(tmp_path):
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [(t.number, t.state, t.user_attrs) for t in trials]
     assert sorted(r["x"] for r in runs(tmp_path)) == [0, 1]
+
+
+# the toy app, with its first trial taken over and ended by "another driver" between two of the records its launch
+# writes (what a pause at that moment, SIGSTOP or a swapped-out machine, lets a second driver do)
+TAKEN_BETWEEN_RECORDS = """
+import runpy, sys
+from optuna.trial import Trial, TrialState
+record, done = Trial.set_user_attr, []
+def set_user_attr(self, key, value):
+    if key == "folder" and not done:
+        done.append(self.number)
+        self.storage.set_trial_state_values(self._trial_id, TrialState.COMPLETE, [0.0])
+    return record(self, key, value)
+Trial.set_user_attr = set_user_attr
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_trial_taken_over_between_its_launch_records_is_left_and_the_next_point_runs(tmp_path):
+    """CI saw this as a traceback (UpdateFinishedTrialError from `trial.set_user_attr`): a driver paused after its
+    trial's first record, the job id, and a second driver took the trial over and ended it before the rest was
+    written. Now the trial is left to the driver that ended it, its job is cancelled, and this driver goes on with
+    the next point in the same slot, exit 0."""
+    proc = subprocess.run([sys.executable, "-c", TAKEN_BETWEEN_RECORDS, *toy_args(tmp_path, "x=0,1",
+                          f"runs_log={tmp_path}/runs.jsonl")[1:]], cwd=tmp_path, env=toy_env(tmp_path),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_traceback(proc.stdout, proc.stderr)
+    out = proc.stdout + proc.stderr
+    assert "trial 0 was taken over by another driver while this one was paused: its job is cancelled" in out, out
+    trials = study(tmp_path).trials
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    assert trials[0].value == 0.0 and trials[1].params["x"] != trials[0].params["x"]
+    assert [r["x"] for r in runs(tmp_path)] == [trials[1].params["x"]]  # the taken trial's job never trained here
 
 
 def test_four_drivers_resuming_a_study_with_stale_trials_retry_each_once(tmp_path):
