@@ -239,10 +239,11 @@ _ABSENT = object()
 
 
 def _cache_bytecode_first(setting, single: bool) -> None:
-    """The sweeper points this process at its bytecode cache (sweeper/bytecode.py) as its sweep begins: too late
-    for the imports of the checks here, and with one worker the driver is the worker, so it compiled torch and
-    transformers from source at every sweep where the environment forbids writing bytecode (8.1 s of an 18 s first
-    ask on the H100). A setting the sweeper will refuse is left to it."""
+    """The bytecode cache (sweeper/bytecode.py) before the checks here import transformers and torch. The sweeper
+    set it up only as its sweep began, too late for them, and with one worker the driver is the worker, so it
+    compiled torch and transformers from source at every sweep where the environment forbids writing bytecode (8.1 s
+    of an 18 s first ask on the H100); a single run (`single`) never set it up. A setting the sweeper will refuse is
+    left to it."""
     from sweeper.bytecode import cache_bytecode
 
     if setting is False or (isinstance(setting, str) and setting.strip()):

@@ -50,8 +50,8 @@ def cache_bytecode(setting: str | bool | None, *, say: bool = True, single: bool
     run (`single`) is one process: its own imports are what the cache saves, from its second run on."""
     folder = cache_folder(setting)
     if folder is None:
-        if say and _UNSAID:
-            log.info(_UNSAID.pop())
+        if say:
+            say_early_note()
         return Path(sys.pycache_prefix) if setting and sys.pycache_prefix else None  # set by the early call, if any
     try:
         folder.mkdir(parents=True, exist_ok=True)

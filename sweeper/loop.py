@@ -299,11 +299,7 @@ class Loop:
             job.cancel(check=False)
             log.warning("trial %d was taken over by another driver while this one was paused: its job is cancelled",
                         trial.number)
-            taken = True
-        else:
-            taken = False
-        if taken:  # the slot is still free: the next point, as a driver of several asks for it
-            return self.launch(slot)
+            return self.launch(slot)  # the slot is still free: the next point, as a driver of several asks for it
         # a worker's loop has one slot of its own: its trials are told apart by the worker that runs them
         at = f"worker {trial.user_attrs['worker_job']}" if self.worker_job is not None else f"slot {slot}"
         log.info("trial %d started (%s, job %s): %s; its log: %s", trial.number, at, job.job_id,
